@@ -1,0 +1,240 @@
+"""The one instruction format, used by training, evaluation and the service alike.
+
+Textual form (what a person reads, and what the manifest records)::
+
+    Instruct: <policy text>
+    Query: <prompt>
+
+Encoded form (what the model reads): the tokenizer's own pair template, i.e. for BERT-style
+encoders ``[CLS] Instruct: <policy text> [SEP] Query: <prompt> [SEP]`` with token type 0 for the
+instruction and 1 for the query. The separator is the tokenizer's pair separator.
+
+Token budget: the policy part is truncated (from its end) so the query fits; the query's start is
+never cut. A query longer than the window is split into overlapping windows, each with the same
+(possibly shortened) instruction, and each window knows the character span of the query it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from policies.schema import Policy
+
+INSTRUCT_PREFIX = "Instruct: "
+QUERY_PREFIX = "Query: "
+TEXT_SEPARATOR = "\n"
+TEMPLATE = INSTRUCT_PREFIX + "{policy}" + TEXT_SEPARATOR + QUERY_PREFIX + "{query}"
+
+DEFAULT_MAX_LENGTH = 256
+DEFAULT_MAX_POLICY_TOKENS = 128
+DEFAULT_MIN_POLICY_TOKENS = 48
+DEFAULT_WINDOW_OVERLAP = 32
+
+
+class EncodingConfig(BaseModel):
+    """How inputs are built; recorded with every checkpoint and manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = TEMPLATE
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_policy_tokens: int = DEFAULT_MAX_POLICY_TOKENS
+    min_policy_tokens: int = DEFAULT_MIN_POLICY_TOKENS
+    window_overlap: int = DEFAULT_WINDOW_OVERLAP
+
+
+
+class PolicyLike(Protocol):
+    name: str
+    description: str
+    allowed: list[str]
+    disallowed: list[str]
+
+
+def policy_text(policy: PolicyLike | Policy) -> str:
+    """The policy as the instruction states it: name, description, then unsafe and safe lists."""
+    parts = [f"{policy.name.replace('_', ' ')}. {policy.description.strip()}"]
+    if policy.disallowed:
+        parts.append("Unsafe: " + "; ".join(policy.disallowed) + ".")
+    if policy.allowed:
+        parts.append("Safe: " + "; ".join(policy.allowed) + ".")
+    return " ".join(parts)
+
+
+def format_instruction(policy: str, query: str) -> str:
+    """The textual instruction for a policy text and a prompt."""
+    return TEMPLATE.format(policy=policy, query=query)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input: a (possibly shortened) instruction with a span of the query."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    char_start: int
+    char_end: int
+
+    @property
+    def attention_mask(self) -> list[int]:
+        return [1] * len(self.input_ids)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class _Encoding(Protocol):
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+class TokenizerLike(Protocol):
+    """The subset of ``tokenizers.Tokenizer`` this module uses."""
+
+    def encode(self, sequence: str, pair: str | None = None, add_special_tokens: bool = True) -> _Encoding: ...
+
+    def encode_batch(self, inputs: list[str], add_special_tokens: bool = True) -> list[_Encoding]: ...
+
+    def post_process(self, encoding: _Encoding, pair: _Encoding | None = None, add_special_tokens: bool = True) -> _Encoding: ...
+
+
+@dataclass(frozen=True)
+class _PairTemplate:
+    """Special tokens around and between the two parts, read off the tokenizer's post-processor."""
+
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    prefix_types: list[int]
+    middle_types: list[int]
+    suffix_types: list[int]
+    first_type: int
+    second_type: int
+
+    @property
+    def n_special(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+
+def _pair_template(tokenizer: TokenizerLike) -> _PairTemplate:
+    a = tokenizer.encode("a", add_special_tokens=False)
+    b = tokenizer.encode("b", add_special_tokens=False)
+    merged = tokenizer.post_process(a, b, add_special_tokens=True)
+    ids: list[int] = list(merged.ids)
+    types: list[int] = list(merged.type_ids)  # type: ignore[attr-defined]
+    na, nb = len(a.ids), len(b.ids)
+    for i in range(len(ids) - na + 1):
+        if ids[i : i + na] != list(a.ids):
+            continue
+        for j in range(i + na, len(ids) - nb + 1):
+            if ids[j : j + nb] == list(b.ids):
+                return _PairTemplate(
+                    prefix=ids[:i],
+                    middle=ids[i + na : j],
+                    suffix=ids[j + nb :],
+                    prefix_types=types[:i],
+                    middle_types=types[i + na : j],
+                    suffix_types=types[j + nb :],
+                    first_type=types[i],
+                    second_type=types[j],
+                )
+    raise ValueError("cannot read the pair template off this tokenizer's post-processor")
+
+
+class InstructionEncoder:
+    """Builds model inputs for (policy text, query) pairs with the tokenizer's pair template."""
+
+    def __init__(
+        self,
+        tokenizer: TokenizerLike,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        max_policy_tokens: int = DEFAULT_MAX_POLICY_TOKENS,
+        min_policy_tokens: int = DEFAULT_MIN_POLICY_TOKENS,
+        window_overlap: int = DEFAULT_WINDOW_OVERLAP,
+    ) -> None:
+        # Padding and truncation are ours to do: a tokenizer.json may carry its own settings.
+        for method in ("no_padding", "no_truncation"):
+            if hasattr(tokenizer, method):
+                getattr(tokenizer, method)()
+        self.tokenizer = tokenizer
+        self.template = _pair_template(tokenizer)
+        self.query_prefix_ids = list(tokenizer.encode(QUERY_PREFIX.strip(), add_special_tokens=False).ids)
+        self.max_length = max_length
+        self.max_policy_tokens = max_policy_tokens
+        self.min_policy_tokens = min(min_policy_tokens, max_policy_tokens)
+        budget = max_length - self.template.n_special - len(self.query_prefix_ids)
+        if budget - self.min_policy_tokens < 16:
+            raise ValueError(f"max_length={max_length} leaves no room for the query")
+        self.window_overlap = min(window_overlap, (budget - self.min_policy_tokens) // 2)
+        self._policy_ids = lru_cache(maxsize=4096)(self._encode_policy)
+
+    def _encode_policy(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(INSTRUCT_PREFIX + text, add_special_tokens=False).ids)
+
+    def policy_ids(self, text: str) -> tuple[int, ...]:
+        """Token ids of ``Instruct: <policy text>`` (cached per text)."""
+        return self._policy_ids(text)
+
+    def tokenize_queries(self, queries: list[str]) -> list[_Encoding]:
+        """Tokenize prompts once; the result is reused for every policy."""
+        return self.tokenizer.encode_batch(list(queries), add_special_tokens=False)
+
+    def windows(self, policy: tuple[int, ...] | list[int], query: _Encoding, query_text: str) -> list[Window]:
+        """All windows for one (policy, query) pair; one window unless the query is too long."""
+        q_ids = list(query.ids)
+        offsets = list(query.offsets)
+        room = self.max_length - self.template.n_special - len(self.query_prefix_ids)
+        n_policy = min(len(policy), self.max_policy_tokens)
+        if len(q_ids) > room - n_policy:
+            n_policy = min(n_policy, max(self.min_policy_tokens, room - len(q_ids)))
+        width = room - n_policy
+        instr = list(policy[:n_policy])
+        if len(q_ids) <= width:
+            return [self._assemble(instr, q_ids, 0, len(query_text))]
+        step = width - self.window_overlap
+        out: list[Window] = []
+        start = 0
+        while True:
+            end = min(start + width, len(q_ids))
+            char_start = offsets[start][0]
+            char_end = offsets[end - 1][1]
+            out.append(self._assemble(instr, q_ids[start:end], char_start, char_end))
+            if end >= len(q_ids):
+                return out
+            start += step
+
+    def encode(self, policy_text_: str, query: str) -> list[Window]:
+        """Windows for one policy text and one prompt."""
+        enc = self.tokenize_queries([query])[0]
+        return self.windows(self.policy_ids(policy_text_), enc, query)
+
+    def _assemble(self, instr: list[int], q_ids: list[int], char_start: int, char_end: int) -> Window:
+        t = self.template
+        second = self.query_prefix_ids + q_ids
+        ids = t.prefix + instr + t.middle + second + t.suffix
+        types = (
+            t.prefix_types
+            + [t.first_type] * len(instr)
+            + t.middle_types
+            + [t.second_type] * len(second)
+            + t.suffix_types
+        )
+        return Window(input_ids=ids, token_type_ids=types, char_start=char_start, char_end=char_end)
+
+
+def encoder_from_config(tokenizer: TokenizerLike, config: EncodingConfig) -> InstructionEncoder:
+    """The encoder a checkpoint or manifest describes."""
+    if config.template != TEMPLATE:
+        raise ValueError(f"model was built with instruction template {config.template!r}, this code uses {TEMPLATE!r}")
+    return InstructionEncoder(
+        tokenizer,
+        max_length=config.max_length,
+        max_policy_tokens=config.max_policy_tokens,
+        min_policy_tokens=config.min_policy_tokens,
+        window_overlap=config.window_overlap,
+    )

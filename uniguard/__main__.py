@@ -1,0 +1,5 @@
+import sys
+
+from uniguard.cli import main
+
+sys.exit(main())
