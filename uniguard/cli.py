@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from merging.cli import register as register_merge
     from service.cli import register as register_service
     from training.cli import register as register_training
+    from training.synth_cli import register as register_synth
     from uniguard.evaluate import register as register_eval
 
     parser = argparse.ArgumentParser(
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_service(sub)  # serve, bench
     register_eval(sub)  # eval
-    register_training(sub)  # train, synth
+    register_training(sub)  # train
+    register_synth(sub)  # synth
     register_merge(sub)  # merge
     register_export(sub)  # export
     return parser
