@@ -1,0 +1,225 @@
+"""The /classify pipeline: resolve policies and thresholds, look up the cache, batch the misses, build verdicts.
+
+Threshold precedence (first that applies):
+1. the request's ``thresholds`` override;
+2. the manifest's calibrated threshold for the policy, if the model saw this exact policy text (same content hash);
+3. the threshold written explicitly in the policy's YAML file (or given inline);
+4. the manifest's ``default_threshold`` (zero-shot policies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from export.manifest import Manifest
+from policies.labels import UNSAFE, verdict
+from policies.registry import PolicyRegistry
+from policies.schema import Policy
+from service.batcher import DynamicBatcher
+from service.cache import CachedScore, ScoreCache, cache_key, text_hash
+from service.config import Settings
+from service.engine import OnnxEngine, aggregate
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.schemas import ClassifyRequest, ClassifyResponse, PolicyVerdict, Span, TextResult, Usage
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    name: str
+    instruction: str
+    content_hash: str
+    threshold: float
+    inline: bool
+
+
+def registry_threshold(policy: Policy, manifest: Manifest) -> float:
+    """Steps 2-4 of the precedence for a registry policy."""
+    known = {ref.name: ref.content_hash for ref in manifest.policies}
+    calibrated = manifest.threshold_for(policy.name)
+    if calibrated is not None and known.get(policy.name) == policy.content_hash:
+        return calibrated
+    if "threshold" in policy.model_fields_set:
+        return policy.threshold
+    return manifest.default_threshold
+
+
+def resolve_registry(registry: PolicyRegistry, manifest: Manifest) -> dict[str, ResolvedPolicy]:
+    """Instruction text, content hash and default threshold of every registry policy, computed once."""
+    return {
+        p.name: ResolvedPolicy(p.name, p.instruction_text(), p.content_hash, registry_threshold(p, manifest), False)
+        for p in registry
+    }
+
+
+def resolve_policies(
+    request: ClassifyRequest,
+    registry: PolicyRegistry,
+    manifest: Manifest,
+    settings: Settings,
+    resolved: dict[str, ResolvedPolicy] | None = None,
+) -> list[ResolvedPolicy]:
+    """The request's policies with their thresholds; 4xx errors naming the offending field."""
+    if request.policies is None:
+        named = [] if request.custom_policies else registry.defaults()
+    else:
+        unknown = [n for n in request.policies if n not in registry]
+        if unknown:
+            raise ServiceError(
+                422,
+                "unknown_policy",
+                f"unknown policy {', '.join(repr(n) for n in unknown)}; known: {', '.join(registry.names)} "
+                "(GET /policies lists them; inline policies go in custom_policies)",
+                field="policies",
+            )
+        if len(set(request.policies)) != len(request.policies):
+            raise ServiceError(422, "duplicate_policy", "a policy is named twice", field="policies")
+        named = [registry[n] for n in request.policies]
+    if len(request.custom_policies) > settings.max_custom_policies:
+        raise ServiceError(
+            422,
+            "too_many_custom_policies",
+            f"at most {settings.max_custom_policies} inline policies per request (UNIGUARD_MAX_CUSTOM_POLICIES)",
+            field="custom_policies",
+        )
+    resolved = resolved if resolved is not None else resolve_registry(registry, manifest)
+    out: list[ResolvedPolicy] = [resolved[p.name] for p in named]
+    seen = {p.name for p in out}
+    for i, inline in enumerate(request.custom_policies):
+        if inline.name in seen or inline.name in registry:
+            raise ServiceError(
+                422,
+                "duplicate_policy",
+                f"inline policy name {inline.name!r} clashes with a registry or another inline policy; rename it",
+                field=f"custom_policies.{i}.name",
+            )
+        seen.add(inline.name)
+        policy = inline.to_policy()
+        threshold = inline.threshold if inline.threshold is not None else manifest.default_threshold
+        out.append(ResolvedPolicy(policy.name, policy.instruction_text(), policy.content_hash, threshold, inline=True))
+    if not out:
+        raise ServiceError(422, "no_policies", "no policies to apply", field="policies")
+    if len(out) > settings.max_policies_per_request:
+        raise ServiceError(
+            422,
+            "too_many_policies",
+            f"{len(out)} policies; at most {settings.max_policies_per_request} per request "
+            "(UNIGUARD_MAX_POLICIES_PER_REQUEST)",
+            field="policies",
+        )
+    for name, value in request.thresholds.items():
+        if name not in seen:
+            raise ServiceError(
+                422,
+                "unknown_policy",
+                f"threshold given for {name!r}, which this request does not apply",
+                field=f"thresholds.{name}",
+            )
+        if not 0.0 <= value <= 1.0:
+            raise ServiceError(422, "invalid_threshold", "thresholds must lie in [0, 1]", field=f"thresholds.{name}")
+    return [
+        ResolvedPolicy(p.name, p.instruction, p.content_hash, request.thresholds.get(p.name, p.threshold), p.inline)
+        for p in out
+    ]
+
+
+def check_texts(texts: list[str], settings: Settings) -> None:
+    if not texts:
+        raise ServiceError(422, "empty_input", "input must hold at least one text", field="input")
+    if len(texts) > settings.max_texts_per_request:
+        raise ServiceError(
+            422,
+            "too_many_texts",
+            f"{len(texts)} texts; at most {settings.max_texts_per_request} per request "
+            "(UNIGUARD_MAX_TEXTS_PER_REQUEST)",
+            field="input",
+        )
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ServiceError(422, "empty_text", "texts must not be empty or whitespace only", field=f"input.{i}")
+        if len(text) > settings.max_text_chars:
+            raise ServiceError(
+                422,
+                "text_too_long",
+                f"text has {len(text)} characters; at most {settings.max_text_chars} (UNIGUARD_MAX_TEXT_CHARS)",
+                field=f"input.{i}",
+            )
+
+
+class Classifier:
+    def __init__(
+        self,
+        engine: OnnxEngine,
+        batcher: DynamicBatcher,
+        cache: ScoreCache,
+        registry: PolicyRegistry,
+        metrics: Metrics,
+        settings: Settings,
+    ) -> None:
+        self.engine, self.batcher, self.cache = engine, batcher, cache
+        self.registry, self.metrics, self.settings = registry, metrics, settings
+        self.resolved = resolve_registry(registry, engine.manifest)
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+        started = time.monotonic()
+        deadline = started + self.settings.request_timeout_s
+        texts = request.texts
+        check_texts(texts, self.settings)
+        policies = resolve_policies(request, self.registry, self.engine.manifest, self.settings, self.resolved)
+        model_id = self.engine.model_id
+
+        # 1. cache lookup: one batched round trip for every (text, policy) pair
+        digests = [text_hash(t) for t in texts]
+        pairs = [(ti, pi) for ti in range(len(texts)) for pi in range(len(policies))]
+        keys = [cache_key(model_id, policies[pi].content_hash, digests[ti]) for ti, pi in pairs]
+        found = await self.cache.get_many(keys)
+        misses = [k for k, hit in enumerate(found) if hit is None]
+        backend = self.cache.backend
+        if backend != "none":
+            self.metrics.cache_hits.labels(backend).inc(len(pairs) - len(misses))
+            self.metrics.cache_misses.labels(backend).inc(len(misses))
+
+        # 2. score the misses through the batcher
+        computed: dict[int, CachedScore] = {}
+        tokens = 0
+        if misses:
+            t0 = time.monotonic()
+            miss_pairs = [(policies[pairs[k][1]].instruction, texts[pairs[k][0]]) for k in misses]
+            per_pair = await asyncio.to_thread(self.engine.pair_windows, miss_pairs)
+            self.metrics.tokenize_seconds.observe(time.monotonic() - t0)
+            flat = [w for ws in per_pair for w in ws]
+            tokens = sum(len(w) for w in flat)
+            scores = await self.batcher.score(flat, deadline)
+            for k, pair_score in zip(misses, aggregate(per_pair, scores), strict=True):
+                computed[k] = CachedScore(pair_score.score, pair_score.char_start, pair_score.char_end)
+            await self.cache.set_many([(keys[k], v) for k, v in computed.items()])
+
+        # 3. verdicts
+        results: list[TextResult] = []
+        for ti, text in enumerate(texts):
+            verdicts: dict[str, PolicyVerdict] = {}
+            for pi, policy in enumerate(policies):
+                k = ti * len(policies) + pi
+                hit = found[k]
+                value = hit if hit is not None else computed[k]
+                label = verdict(value.score, policy.threshold)
+                whole = value.char_start <= 0 and value.char_end >= len(text)
+                verdicts[policy.name] = PolicyVerdict(
+                    verdict=label,
+                    score=value.score,
+                    threshold=policy.threshold,
+                    cached=hit is not None,
+                    span=None if whole else Span(start=value.char_start, end=value.char_end),
+                )
+                self.metrics.verdicts.labels("custom" if policy.inline else policy.name, label).inc()
+            results.append(TextResult(flagged=any(v.verdict == UNSAFE for v in verdicts.values()), policies=verdicts))
+        return ClassifyResponse(
+            id=f"cls-{uuid.uuid4().hex[:16]}",
+            model=model_id,
+            results=results,
+            usage=Usage(texts=len(texts), policies=len(policies), tokens=tokens),
+            latency_ms=round((time.monotonic() - started) * 1000.0, 3),
+        )

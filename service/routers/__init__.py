@@ -1,0 +1,1 @@
+"""HTTP routers: /classify, /policies, and the operational endpoints."""

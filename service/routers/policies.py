@@ -1,0 +1,52 @@
+"""GET /policies and GET /policies/{name}."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from policies.schema import Policy
+from service.app import AppState
+from service.classifier import registry_threshold
+from service.errors import ServiceError
+from service.routers.deps import get_state
+from service.schemas import ErrorResponse, PolicyInfo, PolicyList
+
+router = APIRouter(tags=["policies"])
+
+
+def _info(policy: Policy, state: AppState) -> PolicyInfo:
+    engine = state.engine
+    if engine is not None:
+        threshold = registry_threshold(policy, engine.manifest)
+        known = any(r.name == policy.name and r.content_hash == policy.content_hash for r in engine.manifest.policies)
+    else:
+        threshold, known = policy.threshold, False
+    return PolicyInfo(
+        name=policy.name,
+        version=policy.content_hash,
+        description=policy.description,
+        allowed=policy.allowed,
+        disallowed=policy.disallowed,
+        threshold=threshold,
+        enabled_by_default=policy.enabled_by_default,
+        known_to_model=known,
+    )
+
+
+@router.get("/policies", response_model=PolicyList, summary="The registry's policies")
+async def list_policies(state: Annotated[AppState, Depends(get_state)]) -> PolicyList:
+    return PolicyList(policies=[_info(p, state) for p in state.registry])
+
+
+@router.get(
+    "/policies/{name}",
+    response_model=PolicyInfo,
+    summary="One policy",
+    responses={404: {"model": ErrorResponse, "description": "no such policy"}},
+)
+async def get_policy(name: str, state: Annotated[AppState, Depends(get_state)]) -> PolicyInfo:
+    if name not in state.registry:
+        raise ServiceError(404, "unknown_policy", f"no policy named {name!r}; GET /policies lists them", field="name")
+    return _info(state.registry[name], state)
