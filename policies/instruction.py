@@ -48,7 +48,6 @@ class EncodingConfig(BaseModel):
     window_overlap: int = DEFAULT_WINDOW_OVERLAP
 
 
-
 class PolicyLike(Protocol):
     name: str
     description: str
@@ -100,7 +99,9 @@ class TokenizerLike(Protocol):
 
     def encode_batch(self, inputs: list[str], add_special_tokens: bool = True) -> list[_Encoding]: ...
 
-    def post_process(self, encoding: _Encoding, pair: _Encoding | None = None, add_special_tokens: bool = True) -> _Encoding: ...
+    def post_process(
+        self, encoding: _Encoding, pair: _Encoding | None = None, add_special_tokens: bool = True
+    ) -> _Encoding: ...
 
 
 @dataclass(frozen=True)
