@@ -1,15 +1,165 @@
-"""``uniguard export``."""
+"""``uniguard export``: a checkpoint folder -> an ONNX model folder with a manifest (see docs/EXPORT.md)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import logging
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from export.manifest import TARGETS
+from policies.labels import label_to_id
+
+if TYPE_CHECKING:
+    from training.meta import CheckpointMeta
+
+
+class ValRowFile(BaseModel):
+    """One validation row as the shared data and the project's data store it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str
+    label: str
+    policy: str
+
+
+def _jsonl_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.rglob("*.jsonl"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"uniguard export: --val {path}: no such file or folder")
+    if not files:
+        raise SystemExit(f"uniguard export: --val {', '.join(map(str, paths))}: no .jsonl files found")
+    return files
+
+
+def load_val_rows(
+    paths: Sequence[Path],
+    meta: CheckpointMeta,
+    policy_dirs: Sequence[Path] = (),
+    max_per_policy: int | None = None,
+    seed: int = 0,
+) -> list[tuple[str, str, int]]:
+    """Read JSONL rows {text, label, policy} and map each policy name to its instruction text.
+
+    The checkpoint's own policies (the exact text it was trained with) win; other names come from
+    the registry (default policies plus ``policy_dirs``). With ``max_per_policy``, a seeded random
+    sample of that many rows per policy is kept.
+    """
+    from policies.registry import PolicyRegistry
+
+    instructions = {p.name: p.instruction_text for p in meta.policies}
+    registry = PolicyRegistry.load(policy_dirs)
+    by_policy: dict[str, list[tuple[str, str, int]]] = {}
+    for file in _jsonl_files(paths):
+        with open(file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = ValRowFile.model_validate(json.loads(line))
+                    label = label_to_id(row.label)
+                except (json.JSONDecodeError, ValidationError, ValueError) as exc:
+                    raise SystemExit(f"uniguard export: {file}:{number}: invalid row: {exc}") from exc
+                if row.policy not in instructions:
+                    if row.policy not in registry:
+                        raise SystemExit(
+                            f"uniguard export: {file}:{number}: unknown policy {row.policy!r}; "
+                            "it is neither in the checkpoint nor in the registry (add --policy-dir)"
+                        )
+                    instructions[row.policy] = registry[row.policy].instruction_text()
+                by_policy.setdefault(row.policy, []).append((instructions[row.policy], row.text, label))
+    rows: list[tuple[str, str, int]] = []
+    rng = random.Random(seed)
+    for name in sorted(by_policy):
+        group = by_policy[name]
+        if max_per_policy is not None and len(group) > max_per_policy:
+            group = rng.sample(group, max_per_policy)
+        rows += group
+    return rows
 
 
 def register(sub: Any) -> None:
-    export = sub.add_parser("export", help="export a checkpoint to ONNX", description="Export a checkpoint to ONNX.")
+    export = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX",
+        description="Export a UniGuard checkpoint to an ONNX model folder (model.onnx, tokenizer.json, "
+        "manifest.json), gated by parity with the torch checkpoint on validation rows.",
+    )
+    export.add_argument("--model", type=Path, required=True, help="checkpoint folder (with uniguard_meta.json)")
+    export.add_argument("--target", choices=TARGETS, required=True)
+    export.add_argument(
+        "--out", type=Path, required=True, help="output model folder (replaced only if it holds an export)"
+    )
+    export.add_argument(
+        "--val",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE_OR_DIR",
+        help="validation JSONL rows {text, label, policy} for the parity gate and the metrics "
+        "(default: the policies' own examples)",
+    )
+    export.add_argument("--max-per-policy", type=int, default=None, help="sample at most N validation rows per policy")
+    export.add_argument("--policy-dir", type=Path, action="append", default=[], help="extra policy folder")
+    export.add_argument("--name", default=None, help="model name (default: the checkpoint's)")
+    export.add_argument("--version", default=None, help="model version (default: today's date)")
+    export.add_argument(
+        "--recalibrate", action="store_true", help="re-fit per-policy thresholds (best F1) on the ONNX scores"
+    )
+    export.add_argument("--isa", choices=("avx512_vnni", "avx2"), default=None, help="int8 config (default: detect)")
+    export.add_argument(
+        "--skip-parity", action="store_true", help="debugging only: skip the parity gate (recorded in the manifest)"
+    )
     export.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    raise SystemExit("uniguard export: not implemented yet")
+    from export.onnx import ExportError, export_checkpoint
+    from export.parity import ParityError
+    from training.meta import CheckpointMeta
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("uniguard.export").setLevel(logging.INFO)
+    try:
+        meta = CheckpointMeta.load(args.model)
+    except (FileNotFoundError, ValidationError) as exc:
+        print(f"uniguard export: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    rows = load_val_rows(args.val, meta, args.policy_dir, args.max_per_policy) if args.val else None
+    try:
+        manifest = export_checkpoint(
+            args.model,
+            args.out,
+            args.target,
+            val_rows=rows,
+            name=args.name,
+            version=args.version,
+            skip_parity=args.skip_parity,
+            recalibrate=args.recalibrate,
+            isa=args.isa,
+        )
+    except ParityError as exc:
+        print(f"uniguard export: parity gate failed; nothing was written to {args.out}\n{exc}", file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"uniguard export: {exc}", file=sys.stderr)
+        return 2
+    size = sum(f.bytes for f in manifest.files.values()) / 1e6
+    macro = manifest.metrics.get("macro", {})
+    print(
+        f"exported {manifest.model_id} ({manifest.target}) to {args.out}: {size:.1f} MB; "
+        f"parity agreement {manifest.parity.get('agreement', 'skipped')}; macro-F1 {macro.get('f1', 'n/a')}"
+    )
+    return 0

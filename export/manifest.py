@@ -17,7 +17,7 @@ from policies.instruction import EncodingConfig
 from policies.schema import DataSource, PolicyRef
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 Target = Literal["cpu-int8", "cpu-fp32", "cuda-fp16"]
 TARGETS: tuple[Target, ...] = ("cpu-int8", "cpu-fp32", "cuda-fp16")
 
@@ -54,6 +54,8 @@ class Manifest(BaseModel):
     data_sources: list[DataSource] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     parity: dict[str, Any] = Field(default_factory=dict)
+    # How the file was produced: tool versions, opset, graph optimisation, quantisation config.
+    export: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
@@ -73,9 +75,13 @@ class Manifest(BaseModel):
         folder = Path(folder)
         path = folder / MANIFEST_FILE
         if not folder.is_dir():
-            raise ManifestError(f"{folder}: model folder does not exist; export one with `uniguard export` or set UNIGUARD_MODEL_DIR")
+            raise ManifestError(
+                f"{folder}: model folder does not exist; export one with `uniguard export` or set UNIGUARD_MODEL_DIR"
+            )
         if not path.is_file():
-            raise ManifestError(f"{path}: missing; this folder is not an exported UniGuard model (run `uniguard export`)")
+            raise ManifestError(
+                f"{path}: missing; this folder is not an exported UniGuard model (run `uniguard export`)"
+            )
         try:
             manifest = cls.model_validate_json(path.read_text(encoding="utf-8"))
         except ValidationError as exc:

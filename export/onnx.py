@@ -1,0 +1,533 @@
+"""Export a UniGuard checkpoint to an ONNX model folder: model.onnx + tokenizer.json + manifest.json.
+
+Steps: optimum exports the Hugging Face sequence classifier (dynamic batch and sequence axes) ->
+ONNX Runtime's transformer optimizer fuses attention, layer norms and GELU -> per target:
+``cpu-fp32`` keeps fp32, ``cpu-int8`` quantises dynamically to int8 with the config for this CPU
+(AVX-512 VNNI or AVX2), ``cuda-fp16`` converts to fp16 for the CUDA execution provider. The result
+is checked structurally and scored against the torch checkpoint on validation rows (the parity
+gate, ``export.parity``); only then is the folder moved into place, so a failed export leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from export.manifest import MANIFEST_FILE, Manifest, Target, file_entry
+from export.parity import ParityReport, check, compare
+from policies.instruction import InstructionEncoder, encoder_from_config
+from policies.registry import PolicyRegistry
+from training.meta import CheckpointMeta
+from training.metrics import binary_metrics, calibrate_threshold, macro
+from training.predict import PairScore, pair_windows, score_windows
+
+log = logging.getLogger("uniguard.export")
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+OUTPUT_NAME = "logits"
+Isa = Literal["avx512_vnni", "avx2"]
+# Encoders whose attention/layer-norm/GELU pattern ONNX Runtime's "bert" optimizer fuses.
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "mpnet"}
+# A cuda-fp16 model must hold (by element count) at least this share of its float weights in fp16.
+MIN_FP16_SHARE = 0.9
+
+ValRow = tuple[str, str, int]  # (policy instruction text, query, label 0/1)
+
+
+class ExportError(RuntimeError):
+    """The checkpoint or the output folder cannot be used; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------- CPU and quantisation
+
+
+def detect_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> Isa:
+    """``avx512_vnni`` if the CPU flags list AVX-512 VNNI, else ``avx2``."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "avx2"
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return "avx512_vnni" if flags & {"avx512_vnni", "avx512vnni"} else "avx2"
+
+
+def quantization_config(isa: Isa, per_channel: bool = True) -> Any:
+    """optimum's dynamic-quantisation config for the instruction set.
+
+    Without VNNI, u8 x s8 products go through 16-bit saturating adds (vpmaddubsw), so the AVX2
+    config uses 7-bit weights (``reduce_range``) to avoid overflow, as ONNX Runtime recommends.
+    """
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    if isa == "avx512_vnni":
+        return AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=per_channel)
+    return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel, reduce_range=True)
+
+
+def _describe_quantization(config: Any, isa: Isa) -> dict[str, Any]:
+    def name(value: Any) -> str:
+        return str(getattr(value, "name", getattr(value, "value", value)))
+
+    return {
+        "tool": "onnxruntime.quantization.quantize_dynamic",
+        "config": f"optimum AutoQuantizationConfig.{isa}(is_static=False)",
+        "isa": isa,
+        "mode": "dynamic",
+        "weights_dtype": name(config.weights_dtype),
+        "activations_dtype": name(config.activations_dtype),
+        "weights_symmetric": bool(config.weights_symmetric),
+        "activations_symmetric": bool(config.activations_symmetric),
+        "per_channel": bool(config.per_channel),
+        "reduce_range": bool(config.reduce_range),
+        "operators": [name(op) for op in config.operators_to_quantize],
+    }
+
+
+def quantize(src: Path, dst: Path, isa: Isa, per_channel: bool = True) -> dict[str, Any]:
+    """Dynamic int8 quantisation of ``src`` into ``dst`` with optimum's config for ``isa``.
+
+    ONNX Runtime's quantizer is called directly (with optimum's settings) because the fused
+    contrib operators defeat shape inference; ``DefaultTensorType`` tells it they produce float.
+    """
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    config = quantization_config(isa, per_channel)
+    info = _describe_quantization(config, isa)
+    quantize_dynamic(
+        src,
+        dst,
+        op_types_to_quantize=info["operators"],
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        weight_type=config.weights_dtype,
+        extra_options={
+            "WeightSymmetric": config.weights_symmetric,
+            "ActivationSymmetric": config.activations_symmetric,
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+        },
+    )
+    return info
+
+
+# --------------------------------------------------------------------------- export and optimisation
+
+
+def export_raw(checkpoint: Path, work: Path) -> Path:
+    """optimum's text-classification export (dynamic batch and sequence axes) into ``work``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from optimum.exporters.onnx import main_export
+
+    main_export(
+        str(checkpoint),
+        work,
+        task="text-classification",
+        library_name="transformers",
+        local_files_only=True,
+        do_validation=False,  # the parity gate below is the (stricter) validation
+    )
+    path = work / MODEL_FILE
+    if not path.is_file():
+        raise ExportError(f"{checkpoint}: optimum produced no {MODEL_FILE} in {work}")
+    return path
+
+
+def optimize(src: Path, dst: Path, checkpoint: Path, gpu: bool) -> dict[str, Any]:
+    """ONNX Runtime transformer fusions, with head count and width from the checkpoint's config.
+
+    CPU: fusions + ONNX Runtime's basic (hardware-independent) graph optimisations. GPU: fusions
+    only (no CUDA needed to build it), then fp16 with float inputs/outputs kept (``keep_io_types``).
+    """
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    info: dict[str, Any] = {"tool": "onnxruntime.transformers.optimizer", "model_type": config.model_type}
+    if config.model_type not in BERT_LIKE:
+        log.warning("no transformer fusions for model type %r; keeping the exported graph", config.model_type)
+        model = onnx.load(str(src))
+        if gpu:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(model, keep_io_types=True)
+            info["fp16"] = {"keep_io_types": True}
+        onnx.save(model, str(dst))
+        info["fusions"] = {}
+        return info
+    opt_level = 0 if gpu else 1
+    optimized = optimize_model(
+        str(src),
+        model_type="bert",
+        num_heads=int(config.num_attention_heads),
+        hidden_size=int(config.hidden_size),
+        opt_level=opt_level,
+        use_gpu=gpu,
+    )
+    info.update(
+        {
+            "num_heads": int(config.num_attention_heads),
+            "hidden_size": int(config.hidden_size),
+            "opt_level": opt_level,
+            "fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v},
+        }
+    )
+    if gpu:
+        optimized.convert_float_to_float16(keep_io_types=True)
+        info["fp16"] = {"keep_io_types": True}
+    optimized.save_model_to_file(str(dst))
+    return info
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def graph_io(path: Path) -> tuple[list[str], list[str]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+def structure(path: Path, reference: Path) -> dict[str, Any]:
+    """Check an exported graph: ONNX checker, same inputs/outputs as the raw fp32 export, weight dtypes."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path))
+    inputs, outputs = graph_io(path)
+    ref_inputs, ref_outputs = graph_io(reference)
+    if (inputs, outputs) != (ref_inputs, ref_outputs):
+        raise ExportError(
+            f"{path}: inputs/outputs {inputs}/{outputs} differ from the fp32 export's {ref_inputs}/{ref_outputs}"
+        )
+    elements: dict[str, int] = {}
+    for init in model.graph.initializer:
+        dtype = onnx.TensorProto.DataType.Name(init.data_type)
+        elements[dtype] = elements.get(dtype, 0) + int(np.prod(init.dims, dtype=np.int64))
+    floats = elements.get("FLOAT", 0) + elements.get("FLOAT16", 0)
+    output_types = [onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type) for o in model.graph.output]
+    return {
+        "checker": "passed",
+        "inputs": inputs,
+        "outputs": outputs,
+        "output_types": output_types,
+        "initializer_elements": elements,
+        "fp16_share": (elements.get("FLOAT16", 0) / floats) if floats else 0.0,
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+    }
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class OnnxScorer:
+    """An exported graph scored with ONNX Runtime; ``run_batch`` returns P(unsafe) per window."""
+
+    def __init__(
+        self,
+        path: Path,
+        encoder: InstructionEncoder,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        options: Any = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.encoder = encoder
+
+    def run_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (logits,) = self.session.run([OUTPUT_NAME], {k: inputs[k] for k in self.input_names})
+        logits = logits.astype(np.float64)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted[:, 1] / shifted.sum(axis=-1)
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[PairScore]:
+        return score_windows(pair_windows(self.encoder, pairs), self.run_batch, batch_size)
+
+
+def _with_progress(run_batch: Callable[[dict[str, np.ndarray]], np.ndarray], total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None)
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        out = run_batch(inputs)
+        bar.update(1)
+        return out
+
+    run.close = bar.close  # type: ignore[attr-defined]
+    return run
+
+
+def _score(windows: list, run_batch: Any, batch_size: int, desc: str) -> list[float]:
+    total = math.ceil(sum(len(w) for w in windows) / batch_size)
+    run = _with_progress(run_batch, total, desc)
+    try:
+        return [s.score for s in score_windows(windows, run, batch_size)]
+    finally:
+        run.close()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def policy_names(meta: CheckpointMeta, instructions: Sequence[str]) -> list[str]:
+    """The policy name of each instruction text: the checkpoint's policies, then the default registry."""
+    known = {p.instruction_text: p.name for p in meta.policies}
+    missing = {text for text in instructions if text not in known}
+    if missing:
+        for policy in PolicyRegistry.load():
+            known.setdefault(policy.instruction_text(), policy.name)
+    names = []
+    for text in instructions:
+        if text not in known:
+            known[text] = "custom_" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        names.append(known[text])
+    return names
+
+
+def measure(
+    policies: Sequence[str], labels: Sequence[int], scores: Sequence[float], thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """Per-policy binary metrics at the manifest's thresholds, and their macro average."""
+    pol = np.asarray(policies, dtype=object)
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    per_policy = {
+        name: binary_metrics(s[pol == name], y[pol == name], thresholds[name]).model_dump()
+        for name in sorted(set(policies))
+    }
+    keys = ("precision", "recall", "f1", "fpr")
+    macro_metrics: dict[str, float | None] = {k: macro([m[k] for m in per_policy.values()]) for k in keys}
+    aurocs = [m["auroc"] for m in per_policy.values() if m["auroc"] is not None]
+    macro_metrics["auroc"] = macro(aurocs) if aurocs else None
+    return {"rows": len(policies), "per_policy": per_policy, "macro": macro_metrics}
+
+
+# --------------------------------------------------------------------------- folder handling
+
+
+def _staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise ExportError(
+            f"{out}: folder exists and is not an exported model (no {MANIFEST_FILE}); "
+            "refusing to replace it: choose an empty or new --out"
+        )
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` (absent, empty or a previous export) with the finished ``staging`` folder."""
+    old: Path | None = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("onnxruntime", "onnx", "optimum-onnx", "optimum", "torch", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    target: Target,
+    val_rows: list[ValRow] | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    *,
+    skip_parity: bool = False,
+    recalibrate: bool = False,
+    isa: Isa | None = None,
+    batch_size: int = 32,
+) -> Manifest:
+    """Export ``checkpoint`` to the model folder ``out`` for ``target``; return its manifest.
+
+    ``val_rows`` (instruction text, query, label) feed the parity gate and the metrics recorded in
+    the manifest. Without them, the gate runs on the policies' own examples from the registry.
+    With ``recalibrate``, per-policy thresholds are re-fitted (best F1) on the ONNX scores of the
+    rows. Raises ``ParityError`` (nothing is written) when the gate fails.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    for required in ("config.json", TOKENIZER_FILE):
+        if not (checkpoint / required).is_file():
+            raise ExportError(f"{checkpoint / required}: missing; --model must be a UniGuard checkpoint folder")
+    meta = CheckpointMeta.load(checkpoint)
+    _check_out(out)
+    rows_source = "validation rows"
+    if val_rows is None:
+        val_rows, rows_source = _policy_example_rows(meta), "policy examples (no validation rows given)"
+
+    staging = _staging_dir(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="uniguard-export-") as tmp:
+            work = Path(tmp)
+            log.info("exporting %s with optimum", checkpoint)
+            raw = export_raw(checkpoint, work / "raw")
+            model_path = staging / MODEL_FILE
+            log.info("optimising the graph for %s", target)
+            export_info: dict[str, Any] = {
+                "target": target,
+                "exporter": "optimum.exporters.onnx.main_export(task='text-classification')",
+                "dynamic_axes": {"batch": 0, "sequence": 1},
+                "versions": _versions(),
+            }
+            if target == "cpu-int8":
+                optimized = work / "optimized.onnx"
+                export_info["optimization"] = optimize(raw, optimized, checkpoint, gpu=False)
+                chosen = isa or detect_isa()
+                log.info("quantising to int8 for %s", chosen)
+                export_info["quantization"] = quantize(optimized, model_path, chosen)
+            else:
+                export_info["optimization"] = optimize(raw, model_path, checkpoint, gpu=target == "cuda-fp16")
+            shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            export_info["structure"] = struct = structure(model_path, raw)
+            if target == "cuda-fp16" and struct["fp16_share"] < MIN_FP16_SHARE:
+                raise ExportError(f"{model_path}: only {struct['fp16_share']:.0%} of the float weights are fp16")
+            if struct["output_types"] != ["FLOAT"]:
+                raise ExportError(f"{model_path}: logits must be float32, got {struct['output_types']}")
+            export_info["opset"] = struct["opset"]
+            export_info["skip_parity"] = skip_parity
+
+        thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
+        parity, metrics = _gate_and_measure(
+            checkpoint, staging, meta, target, val_rows, thresholds, recalibrate, skip_parity, batch_size
+        )
+        metrics["rows_source"] = rows_source
+        parity["rows_source"] = rows_source
+        input_names, output_names = graph_io(model_path)
+        manifest = Manifest(
+            name=name or meta.name,
+            version=version or datetime.now(UTC).strftime("%Y.%m.%d"),
+            base_model=meta.base_model,
+            target=target,
+            recipe=meta.recipe,
+            policies=meta.policies,
+            encoding=meta.encoding,
+            thresholds={k: v for k, v in thresholds.items() if k in {p.name for p in meta.policies}},
+            default_threshold=meta.default_threshold,
+            input_names=input_names,
+            output_name=output_names[0],
+            files={"model": file_entry(staging, MODEL_FILE), "tokenizer": file_entry(staging, TOKENIZER_FILE)},
+            data_sources=meta.data_sources,
+            metrics=metrics,
+            parity=parity,
+            export=export_info,
+        )
+        manifest.save(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
+        _move_into_place(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s (%.1f MB)", out, (out / MODEL_FILE).stat().st_size / 1e6)
+    return manifest
+
+
+def _policy_example_rows(meta: CheckpointMeta) -> list[ValRow]:
+    registry = PolicyRegistry.load()
+    rows: list[ValRow] = []
+    for ref in meta.policies:
+        if ref.name in registry:
+            rows += [(ref.instruction_text, ex.text, int(ex.label == "unsafe")) for ex in registry[ref.name].examples]
+    return rows
+
+
+def _gate_and_measure(
+    checkpoint: Path,
+    staging: Path,
+    meta: CheckpointMeta,
+    target: Target,
+    val_rows: list[ValRow],
+    thresholds: dict[str, float],
+    recalibrate: bool,
+    skip_parity: bool,
+    batch_size: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score the rows with ONNX (and torch unless skipped); return (parity, metrics) for the manifest.
+
+    ``thresholds`` is updated in place when ``recalibrate`` is set.
+    """
+    from tokenizers import Tokenizer
+
+    if not val_rows:
+        if skip_parity:
+            return {"skipped": True, "reason": "--skip-parity and no validation rows"}, {}
+        raise ExportError("no validation rows and no policy examples: pass --val FILE_OR_DIR (or --skip-parity)")
+    instructions = [r[0] for r in val_rows]
+    queries = [r[1] for r in val_rows]
+    labels = [int(r[2]) for r in val_rows]
+    policies = policy_names(meta, instructions)
+    for p in set(policies):
+        thresholds.setdefault(p, meta.default_threshold)
+
+    encoder = encoder_from_config(Tokenizer.from_file(str(staging / TOKENIZER_FILE)), meta.encoding)
+    windows = pair_windows(encoder, list(zip(instructions, queries, strict=True)))
+    try:
+        scorer = OnnxScorer(staging / MODEL_FILE, encoder)
+    except Exception as exc:  # fp16 graphs may lack CPU kernels; they are then checked on a GPU (docs)
+        if target != "cuda-fp16":
+            raise
+        reason = f"does not run on the CPU execution provider here ({exc}); verify on a GPU (docs/EXPORT.md)"
+        return {"skipped": True, "reason": reason}, {"note": reason}
+    engine = "onnxruntime CPUExecutionProvider"
+    if target == "cuda-fp16":
+        engine += " (fp16 kernels on CPU, not the CUDA EP)"
+    onnx_scores = _score(windows, scorer.run_batch, batch_size, f"onnx {target}")
+
+    if recalibrate:
+        pol, y, s = np.asarray(policies, dtype=object), np.asarray(labels), np.asarray(onnx_scores)
+        for p in sorted(set(policies)):
+            thresholds[p] = calibrate_threshold(s[pol == p], y[pol == p], default=thresholds[p])
+    metrics = measure(policies, labels, onnx_scores, thresholds)
+    metrics["engine"] = engine
+    metrics["thresholds"] = "recalibrated (best F1) on the ONNX scores of these rows" if recalibrate else "checkpoint"
+
+    if skip_parity:
+        return {"skipped": True, "reason": "--skip-parity (debugging only)"}, metrics
+    from training.predict import TorchScorer
+
+    log.info("parity gate: scoring %d rows with torch", len(val_rows))
+    torch_scores = _score(windows, TorchScorer.load(checkpoint).run_batch, batch_size, "torch")
+    report: ParityReport = compare(target, policies, queries, labels, torch_scores, onnx_scores, thresholds)
+    log.info("%s", report.format())
+    check(report)
+    parity = report.model_dump(exclude={"worst"})
+    parity["engine"] = engine
+    return parity, metrics
