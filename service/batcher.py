@@ -72,6 +72,11 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def full(self) -> bool:
+        """No room for even one more window."""
+        return len(self._queue) >= self.max_queue
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="uniguard-batcher")

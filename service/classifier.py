@@ -5,6 +5,8 @@ Threshold precedence (first that applies):
 2. the manifest's calibrated threshold for the policy, if the model saw this exact policy text (same content hash);
 3. the threshold written explicitly in the policy's YAML file (or given inline);
 4. the manifest's ``default_threshold`` (zero-shot policies).
+
+Without a loaded model (fail-open answers while not ready) steps 2 and 4 are skipped: the policy's own threshold.
 """
 
 from __future__ import annotations
@@ -18,13 +20,22 @@ from export.manifest import Manifest
 from policies.labels import UNSAFE, verdict
 from policies.registry import PolicyRegistry
 from policies.schema import Policy
-from service.batcher import DynamicBatcher
+from service.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
 from service.cache import CachedScore, ScoreCache, cache_key, text_hash
 from service.config import Settings
 from service.engine import OnnxEngine, aggregate
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.schemas import ClassifyRequest, ClassifyResponse, PolicyVerdict, Span, TextResult, Usage
+from service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    FailMode,
+    PolicyVerdict,
+    Span,
+    TextResult,
+    Usage,
+    is_valid_unicode,
+)
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,10 @@ class ResolvedPolicy:
     inline: bool
 
 
-def registry_threshold(policy: Policy, manifest: Manifest) -> float:
+def registry_threshold(policy: Policy, manifest: Manifest | None) -> float:
     """Steps 2-4 of the precedence for a registry policy."""
+    if manifest is None:
+        return policy.threshold
     known = {ref.name: ref.content_hash for ref in manifest.policies}
     calibrated = manifest.threshold_for(policy.name)
     if calibrated is not None and known.get(policy.name) == policy.content_hash:
@@ -47,7 +60,7 @@ def registry_threshold(policy: Policy, manifest: Manifest) -> float:
     return manifest.default_threshold
 
 
-def resolve_registry(registry: PolicyRegistry, manifest: Manifest) -> dict[str, ResolvedPolicy]:
+def resolve_registry(registry: PolicyRegistry, manifest: Manifest | None) -> dict[str, ResolvedPolicy]:
     """Instruction text, content hash and default threshold of every registry policy, computed once."""
     return {
         p.name: ResolvedPolicy(p.name, p.instruction_text(), p.content_hash, registry_threshold(p, manifest), False)
@@ -58,7 +71,7 @@ def resolve_registry(registry: PolicyRegistry, manifest: Manifest) -> dict[str, 
 def resolve_policies(
     request: ClassifyRequest,
     registry: PolicyRegistry,
-    manifest: Manifest,
+    manifest: Manifest | None,
     settings: Settings,
     resolved: dict[str, ResolvedPolicy] | None = None,
 ) -> list[ResolvedPolicy]:
@@ -98,7 +111,8 @@ def resolve_policies(
             )
         seen.add(inline.name)
         policy = inline.to_policy()
-        threshold = inline.threshold if inline.threshold is not None else manifest.default_threshold
+        default = manifest.default_threshold if manifest is not None else policy.threshold
+        threshold = inline.threshold if inline.threshold is not None else default
         out.append(ResolvedPolicy(policy.name, policy.instruction_text(), policy.content_hash, threshold, inline=True))
     if not out:
         raise ServiceError(422, "no_policies", "no policies to apply", field="policies")
@@ -138,6 +152,10 @@ def check_texts(texts: list[str], settings: Settings) -> None:
             field="input",
         )
     for i, text in enumerate(texts):
+        if not is_valid_unicode(text):
+            raise ServiceError(
+                422, "invalid_text", "text is not valid Unicode (unpaired surrogate)", field=f"input.{i}"
+            )
         if not text.strip():
             raise ServiceError(422, "empty_text", "texts must not be empty or whitespace only", field=f"input.{i}")
         if len(text) > settings.max_text_chars:
@@ -149,26 +167,79 @@ def check_texts(texts: list[str], settings: Settings) -> None:
             )
 
 
+def effective_fail_mode(request: ClassifyRequest, settings: Settings) -> FailMode:
+    """The server's fail mode, or the request's if it is stricter: a caller may ask for 'closed' on a fail-open
+    server, but never for 'open' on a fail-closed one (that would let any caller switch the guard off)."""
+    if request.fail_mode is None or request.fail_mode == settings.fail_mode:
+        return settings.fail_mode
+    if request.fail_mode == "closed":
+        return "closed"
+    raise ServiceError(
+        422,
+        "fail_open_not_allowed",
+        "this server fails closed (UNIGUARD_FAIL_MODE=closed); a request may not ask for fail_mode 'open'",
+        field="fail_mode",
+    )
+
+
+def fail_open_response(
+    texts: list[str], policies: list[ResolvedPolicy], model_id: str | None, reason: str, started: float
+) -> ClassifyResponse:
+    """Every verdict 'safe' with score null and fail_open true; the response says it is degraded and why."""
+    verdicts = {
+        p.name: PolicyVerdict(verdict="safe", score=None, threshold=p.threshold, cached=False, fail_open=True)
+        for p in policies
+    }
+    return ClassifyResponse(
+        id=f"cls-{uuid.uuid4().hex[:16]}",
+        model=model_id,
+        results=[TextResult(flagged=False, policies=dict(verdicts)) for _ in texts],
+        usage=Usage(texts=len(texts), policies=len(policies), tokens=0),
+        latency_ms=round((time.monotonic() - started) * 1000.0, 3),
+        fail_mode="open",
+        degraded=True,
+        degraded_reason=reason,
+    )
+
+
 class Classifier:
     def __init__(
         self,
         engine: OnnxEngine,
         batcher: DynamicBatcher,
         cache: ScoreCache,
-        registry: PolicyRegistry,
         metrics: Metrics,
         settings: Settings,
     ) -> None:
         self.engine, self.batcher, self.cache = engine, batcher, cache
-        self.registry, self.metrics, self.settings = registry, metrics, settings
-        self.resolved = resolve_registry(registry, engine.manifest)
+        self.metrics, self.settings = metrics, settings
 
-    async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+    async def classify(
+        self, texts: list[str], policies: list[ResolvedPolicy], fail_mode: FailMode = "closed"
+    ) -> ClassifyResponse:
+        """Verdicts for validated texts and resolved policies, within the per-request deadline (else
+        DeadlineExceededError); QueueFullError when the batch queue is full."""
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_s
-        texts = request.texts
-        check_texts(texts, self.settings)
-        policies = resolve_policies(request, self.registry, self.engine.manifest, self.settings, self.resolved)
+        if self.batcher.full:  # refuse before tokenising: a flood costs no CPU and holds no memory
+            raise QueueFullError(f"the batch queue is full ({self.batcher.depth} windows waiting)")
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                results, tokens = await self._score(texts, policies, deadline)
+        except TimeoutError:
+            raise DeadlineExceededError("the request ran past its deadline") from None
+        return ClassifyResponse(
+            id=f"cls-{uuid.uuid4().hex[:16]}",
+            model=self.engine.model_id,
+            results=results,
+            usage=Usage(texts=len(texts), policies=len(policies), tokens=tokens),
+            latency_ms=round((time.monotonic() - started) * 1000.0, 3),
+            fail_mode=fail_mode,
+        )
+
+    async def _score(
+        self, texts: list[str], policies: list[ResolvedPolicy], deadline: float
+    ) -> tuple[list[TextResult], int]:
         model_id = self.engine.model_id
 
         # 1. cache lookup: one batched round trip for every (text, policy) pair
@@ -216,10 +287,4 @@ class Classifier:
                 )
                 self.metrics.verdicts.labels("custom" if policy.inline else policy.name, label).inc()
             results.append(TextResult(flagged=any(v.verdict == UNSAFE for v in verdicts.values()), policies=verdicts))
-        return ClassifyResponse(
-            id=f"cls-{uuid.uuid4().hex[:16]}",
-            model=model_id,
-            results=results,
-            usage=Usage(texts=len(texts), policies=len(policies), tokens=tokens),
-            latency_ms=round((time.monotonic() - started) * 1000.0, 3),
-        )
+        return results, tokens

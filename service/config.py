@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 ENV_PREFIX = "UNIGUARD_"
 DEFAULT_MODEL_DIR = Path("models/uniguard-minilm")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PublicPath = Literal["/healthz", "/readyz", "/metrics", "/version", "/docs", "/openapi.json"]
+PROBE_PATHS: tuple[PublicPath, ...] = ("/healthz", "/readyz", "/metrics")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class SettingsError(ValueError):
@@ -91,20 +95,40 @@ class Settings(BaseSettings):
     max_custom_policies: int = Field(default=8, ge=0, description="most inline policies per request")
     max_text_chars: int = Field(default=20_000, ge=1, description="longest text in characters")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body (then 413)")
+    max_inflight_requests: int = Field(
+        default=512, ge=1, description="most requests being handled at once; beyond it 429 (probes exempt)"
+    )
     api_key_hashes: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="sha256 hex of accepted API keys"
+        default_factory=list,
+        description="sha256 hex of accepted API keys (comma-separated); empty = no authentication",
+    )
+    public_paths: Annotated[list[PublicPath], NoDecode] = Field(
+        default_factory=lambda: list(PROBE_PATHS),
+        description="paths that stay open without an API key when keys are configured (comma-separated)",
     )
     fail_mode: Literal["closed", "open"] = Field(
         default="closed", description="closed: errors when it cannot classify; open: answer safe, marked degraded"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
 
-    @field_validator("policy_dirs", "api_key_hashes", mode="before")
+    @field_validator("policy_dirs", "api_key_hashes", "public_paths", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _sha256_hex(cls, value: list[str]) -> list[str]:
+        hashes = [v.lower() for v in value]
+        bad = [i for i, h in enumerate(hashes) if not SHA256_HEX.match(h)]
+        if bad:
+            raise ValueError(
+                f"entry {bad[0]} is not a sha256 hex digest (64 hex characters); store hashes, never keys: "
+                "python -c 'import hashlib,sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest())' KEY"
+            )
+        return hashes
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -127,6 +151,11 @@ class Settings(BaseSettings):
     @property
     def resolved_model_dir(self) -> Path:
         return resolve_model_dir(self.model_dir)
+
+    @property
+    def is_default_model_dir(self) -> bool:
+        """True when the model folder is the shipped default (a missing default starts in not-ready mode)."""
+        return self.resolved_model_dir.resolve() == resolve_model_dir(DEFAULT_MODEL_DIR).resolve()
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -71,6 +71,24 @@ class Metrics:
             "uniguard_model_info", "the loaded model (value 1)", ["model", "target", "provider"], registry=r
         )
         self.ready = Gauge("uniguard_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.inflight = Gauge("uniguard_inflight_requests", "requests being handled (probes excluded)", registry=r)
+        self.inflight_rejected = Counter(
+            "uniguard_inflight_rejected_total",
+            "requests refused with 429 because UNIGUARD_MAX_INFLIGHT_REQUESTS were in flight",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "uniguard_auth_failures_total", "requests refused with 401 (missing or wrong API key)", registry=r
+        )
+        self.fail_open = Counter(
+            "uniguard_fail_open_total",
+            "requests answered with fail-open 'safe' verdicts, by the error they would have got",
+            ["reason"],
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "uniguard_policy_reloads_total", "policy registry reloads by result (ok, rejected)", ["result"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies.labels import Label
 from policies.schema import NAME_PATTERN, Policy
+
+FailMode = Literal["closed", "open"]
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for strings that cannot be encoded as UTF-8 (unpaired surrogates such as a JSON "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_unicode(value: str | list[str]) -> str | list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not all(is_valid_unicode(v) for v in items):
+        raise ValueError("text is not valid Unicode (unpaired surrogate)")
+    return value
 
 
 class InlinePolicy(BaseModel):
@@ -33,6 +51,11 @@ class InlinePolicy(BaseModel):
     allowed: list[str] = Field(default_factory=list, max_length=30)
     disallowed: list[str] = Field(min_length=1, max_length=30)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0, description="default: the model's default")
+
+    @field_validator("description", "allowed", "disallowed")
+    @classmethod
+    def _unicode(cls, value: str | list[str]) -> str | list[str]:
+        return _check_unicode(value)
 
     @model_validator(mode="after")
     def _registry_rules(self) -> InlinePolicy:
@@ -73,6 +96,11 @@ class ClassifyRequest(BaseModel):
     thresholds: dict[str, float] = Field(
         default_factory=dict, description="per-policy threshold overrides in [0, 1] (score >= threshold is unsafe)"
     )
+    fail_mode: FailMode | None = Field(
+        default=None,
+        description="what to do when the service cannot classify; default: the server's UNIGUARD_FAIL_MODE. "
+        "A request may only make it stricter: 'closed' is always honoured, 'open' only on a fail-open server.",
+    )
 
     @property
     def texts(self) -> list[str]:
@@ -88,10 +116,13 @@ class Span(BaseModel):
 
 class PolicyVerdict(BaseModel):
     verdict: Label
-    score: float = Field(description="P(unsafe) under this policy, max over windows")
+    score: float | None = Field(description="P(unsafe) under this policy, max over windows; null when failed open")
     threshold: float
     cached: bool = Field(description="true if the score came from the cache")
     span: Span | None = Field(default=None, description="set when the text was split into several windows")
+    fail_open: bool = Field(
+        default=False, description="true: the service could not classify and answered 'safe' (fail-open mode)"
+    )
 
 
 class TextResult(BaseModel):
@@ -133,10 +164,18 @@ class ClassifyResponse(BaseModel):
     )
 
     id: str
-    model: str = Field(description="name@version of the model that judged")
+    model: str | None = Field(description="name@version of the model that judged (null if no model was loaded)")
     results: list[TextResult] = Field(description="one per input text, in order")
     usage: Usage
     latency_ms: float
+    fail_mode: FailMode = Field(default="closed", description="the fail mode applied to this request")
+    degraded: bool = Field(
+        default=False,
+        description="true: no verdict was computed; every verdict is a fail-open 'safe' (see degraded_reason)",
+    )
+    degraded_reason: str | None = Field(
+        default=None, description="the error code the request would have got in fail-closed mode"
+    )
 
 
 class PolicyInfo(BaseModel):
@@ -179,3 +218,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class ReloadResult(BaseModel):
+    policies: list[str] = Field(description="the registry's policy names after the reload")
+    added: list[str]
+    removed: list[str]
+    changed: list[str] = Field(description="policies whose text (content hash) changed")

@@ -34,7 +34,16 @@ async def test_classify_response_schema_and_defaults(tiny_model_dir: Path, tiny_
         r = await client.post("/classify", json={"input": ["hello there", "how do I file my taxes?"]})
         assert r.status_code == 200, r.text
         body = ClassifyResponse.model_validate(r.json())
-        assert set(r.json()) == {"id", "model", "results", "usage", "latency_ms"}
+        assert set(r.json()) == {
+            "id",
+            "model",
+            "results",
+            "usage",
+            "latency_ms",
+            "fail_mode",
+            "degraded",
+            "degraded_reason",
+        }
         assert body.model == tiny_engine.model_id
         assert len(body.results) == 2
         assert body.usage.texts == 2 and body.usage.policies == len(DEFAULTS) and body.usage.tokens > 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from service.app import AppState
 from service.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
-from service.classifier import Classifier
+from service.classifier import check_texts, effective_fail_mode, fail_open_response, resolve_policies
 from service.errors import ServiceError
-from service.routers.deps import get_classifier
+from service.routers.deps import get_state
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 
 router = APIRouter(tags=["classify"])
@@ -19,42 +21,59 @@ router = APIRouter(tags=["classify"])
     "/classify",
     response_model=ClassifyResponse,
     summary="Judge texts under policies",
-    responses={
-        400: {"model": ErrorResponse, "description": "invalid JSON"},
-        413: {"model": ErrorResponse, "description": "body too large"},
-        429: {"model": ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
-        504: {"model": ErrorResponse, "description": "deadline exceeded; no verdict"},
-    },
+    responses={504: {"model": ErrorResponse, "description": "deadline exceeded; no verdict"}},
 )
-async def classify(
-    request: ClassifyRequest, classifier: Annotated[Classifier, Depends(get_classifier)]
-) -> ClassifyResponse:
+async def classify(request: ClassifyRequest, state: Annotated[AppState, Depends(get_state)]) -> ClassifyResponse:
     """Scores every (text, policy) pair: score = P(unsafe), verdict unsafe when score >= threshold.
 
     Threshold precedence: the request's `thresholds` > the model's calibrated threshold for that exact policy text >
     the policy file's explicit threshold (or the inline policy's) > the model's default threshold.
     Long texts are split into overlapping windows; the score is the maximum and `span` gives the best window.
+
+    Fail mode: when the service cannot classify (not ready, model error, shutting down, deadline), a fail-closed
+    server (the default) answers 503/504 and never a verdict; a fail-open server answers 200 with `degraded: true`,
+    every verdict `safe` with `score: null` and `fail_open: true`. A full queue is always 429.
     """
-    settings = classifier.settings
+    started = time.monotonic()
+    settings = state.settings
+    mode = effective_fail_mode(request, settings)
+    texts = request.texts
+    check_texts(texts, settings)
+    engine = state.engine
+    registry, resolved = state.registry, state.resolved  # one consistent snapshot, even across a reload
+    policies = resolve_policies(request, registry, engine.manifest if engine else None, settings, resolved)
+    classifier = state.classifier
+    metrics = state.metrics
     try:
-        return await classifier.classify(request)
+        if not state.ready or classifier is None:
+            code = "model_unavailable" if state.load_error else "not_ready"
+            raise ServiceError(
+                503, code, f"the service cannot classify yet ({state.status})", headers={"Retry-After": "1"}
+            )
+        return await classifier.classify(texts, policies, mode)
     except QueueFullError as exc:
-        classifier.metrics.queue_rejected.inc()
+        metrics.queue_rejected.inc()
         raise ServiceError(
             429, "overloaded", f"{exc}; retry later", headers={"Retry-After": str(settings.retry_after_s)}
         ) from None
     except DeadlineExceededError:
-        classifier.metrics.deadline_exceeded.inc()
-        raise ServiceError(
+        metrics.deadline_exceeded.inc()
+        failure = ServiceError(
             504,
             "deadline_exceeded",
             f"no verdict within {settings.request_timeout_s}s (UNIGUARD_REQUEST_TIMEOUT_S); retry later",
-        ) from None
+        )
     except BatcherClosedError as exc:
-        raise ServiceError(503, "shutting_down", str(exc), headers={"Retry-After": "1"}) from None
-    except ServiceError:
-        raise
+        failure = ServiceError(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
+    except ServiceError as exc:
+        if exc.status < 500:
+            raise
+        failure = exc
     except Exception as exc:
-        raise ServiceError(
+        failure = ServiceError(
             503, "inference_failed", f"the model could not score this request ({type(exc).__name__})"
-        ) from None
+        )
+    if mode == "open":
+        metrics.fail_open.labels(failure.code).inc()
+        return fail_open_response(texts, policies, engine.model_id if engine else None, failure.code, started)
+    raise failure

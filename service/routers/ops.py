@@ -33,7 +33,12 @@ async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Readiness:
     return Readiness(ready=True, model=state.engine.model_id, detail=state.status)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text", "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
 async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
