@@ -2,9 +2,78 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
+
+
+def _common(p: argparse.ArgumentParser, out: str, minutes: float, epochs: int) -> None:
+    p.add_argument("--base", type=Path, help="Hugging Face encoder folder (default: all-MiniLM-L6-v2 package)")
+    p.add_argument("--data", type=Path, help="shared JSONL data folder (default: $UNIGUARD_DATA_DIR or ../shared/data)")
+    p.add_argument("--extra-data", type=Path, nargs="*", default=[], help="more JSONL files or folders")
+    p.add_argument("--policies", type=Path, nargs="*", default=[], dest="policy_dirs", help="extra policy folders")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"checkpoint folder (default {out})")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--examples-per-epoch", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-minutes", type=float, default=minutes, help="time budget including calibration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between early-stopping evaluations")
+    p.add_argument("--mlm-weight", type=float, default=None, help="λ_mlm (0 disables MLM)")
+    p.add_argument("--adv-weight", type=float, default=None, help="λ_adv for ALICE++ (0 disables it)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on CPUs with AMX)")
 
 
 def register(sub: Any) -> None:
     train = sub.add_parser("train", help="train TaskGuard or MultiTaskGuard models", description="Train guard models.")
+    tsub = train.add_subparsers(dest="train_kind", metavar="KIND")
+    task = tsub.add_parser("taskguard", help="fine-tune a base encoder on one policy")
+    task.add_argument("--policy", required=True, help="policy name (default, derived or custom)")
+    _common(task, "runs/taskguard", 15.0, 3)
+    task.set_defaults(func=run_train, kind="taskguard", holdout=[])
+    multi = tsub.add_parser("multitask", help="train one model on dozens of policies (CE + MLM + ALICE++)")
+    multi.add_argument("--holdout", nargs="*", default=None, help="policies kept out of training (zero-shot)")
+    _common(multi, "runs/multitask", 25.0, 2)
+    multi.set_defaults(func=run_train, kind="multitask", policy=None)
     train.set_defaults(func=lambda a: train.print_help() or 2)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.data import DataError
+    from training.train import TrainConfig, train
+
+    values: dict[str, Any] = {
+        "kind": args.kind,
+        "policy": args.policy,
+        "base": args.base,
+        "data": args.data,
+        "extra_data": args.extra_data,
+        "policy_dirs": args.policy_dirs,
+        "out": args.out,
+        "epochs": args.epochs,
+        "max_minutes": args.max_minutes,
+        "seed": args.seed,
+        "threads": args.threads,
+        "bf16": args.bf16,
+    }
+    if args.kind == "taskguard" and args.out == Path("runs/taskguard"):
+        values["out"] = Path(f"runs/taskguard-{args.policy}")
+    if args.kind == "taskguard":
+        values.update(adv_weight=0.0, mlm_weight=0.0, holdout=[])
+    if args.kind == "multitask" and args.holdout is not None:
+        values["holdout"] = args.holdout
+    for key in ("examples_per_epoch", "batch_size", "lr", "eval_every", "mlm_weight", "adv_weight"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    try:
+        meta = train(TrainConfig(**values))
+    except DataError as exc:
+        raise SystemExit(f"uniguard train: {exc}") from exc
+    m = meta.metrics
+    print(
+        f"val macro-F1 {m['val_macro_f1']:.4f}; zero-shot macro-F1 {m['zero_shot_macro_f1']:.4f}; "
+        f"{m['train_minutes']} min -> {values['out']}"
+    )
+    return 0

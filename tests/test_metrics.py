@@ -1,0 +1,75 @@
+"""Metric values against hand-computed ones; threshold calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training.metrics import auroc, binary_metrics, calibrate_threshold, macro
+
+SCORES = [0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1]
+LABELS = [1, 1, 0, 1, 0, 1, 0, 0]
+
+
+def test_binary_metrics_by_hand() -> None:
+    # threshold 0.5: predicted unsafe = 0.9, 0.8, 0.7, 0.6 -> TP=3 (0.9, 0.8, 0.6), FP=1 (0.7)
+    # FN=1 (0.3), TN=3 (0.4, 0.2, 0.1)
+    m = binary_metrics(SCORES, LABELS, 0.5)
+    assert m.precision == pytest.approx(3 / 4)
+    assert m.recall == pytest.approx(3 / 4)
+    assert m.f1 == pytest.approx(0.75)
+    assert m.fpr == pytest.approx(1 / 4)
+    assert m.support == 8 and m.positives == 4
+    # AUROC: positive/negative pairs ranked correctly: 0.9>all 4, 0.8>all 4, 0.6>0.4,0.2,0.1 (3), 0.3>0.2,0.1 (2)
+    assert m.auroc == pytest.approx((4 + 4 + 3 + 2) / 16)
+
+
+def test_threshold_is_inclusive() -> None:
+    m = binary_metrics([0.5, 0.49], [1, 0], 0.5)
+    assert m.precision == 1.0 and m.recall == 1.0 and m.fpr == 0.0
+
+
+def test_auroc_ties_and_single_class() -> None:
+    # one tie between a positive and a negative counts one half
+    assert auroc([0.5, 0.5, 0.9, 0.1], [1, 0, 1, 0]) == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+    assert auroc([0.1, 0.2], [1, 1]) is None
+    assert auroc([0.2, 0.1], [1, 0]) == 1.0 and auroc([0.1, 0.2], [1, 0]) == 0.0
+
+
+def test_degenerate_cases() -> None:
+    m = binary_metrics([0.1, 0.2], [0, 0], 0.5)
+    assert m.precision == 0.0 and m.recall == 0.0 and m.f1 == 0.0 and m.fpr == 0.0 and m.auroc is None
+    with pytest.raises(ValueError, match="shape"):
+        binary_metrics([0.1], [0, 1])
+    with pytest.raises(ValueError, match="0 \\(safe\\) or 1"):
+        binary_metrics([0.1, 0.2], [0, 2])
+
+
+def test_calibrate_best_f1() -> None:
+    scores = [0.1, 0.2, 0.3, 0.35, 0.4, 0.8]
+    labels = [0, 0, 0, 1, 1, 1]
+    t = calibrate_threshold(scores, labels)
+    assert 0.3 < t <= 0.35  # the midpoint between 0.3 and 0.35 separates perfectly
+    assert binary_metrics(scores, labels, t).f1 == 1.0
+    assert calibrate_threshold([0.2, 0.9], [1, 1], default=0.42) == 0.42
+
+
+def test_calibrate_target_fpr_and_bounds() -> None:
+    rng = np.random.default_rng(0)
+    neg = rng.uniform(0.0, 0.6, 200)
+    pos = rng.uniform(0.4, 1.0, 200)
+    scores = np.concatenate([neg, pos])
+    labels = np.array([0] * 200 + [1] * 200)
+    t = calibrate_threshold(scores, labels, target_fpr=0.05)
+    assert binary_metrics(scores, labels, t).fpr <= 0.05
+    looser = calibrate_threshold(scores, labels, target_fpr=0.2)
+    assert looser <= t
+    assert 0.05 <= calibrate_threshold([0.001, 0.002], [0, 1]) <= 0.95
+
+
+def test_macro() -> None:
+    assert macro([0.5, 1.0]) == 0.75
+    assert macro([]) == 0.0
+    assert not math.isnan(macro([0.0]))

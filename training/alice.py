@@ -1,0 +1,105 @@
+"""ALICE++ (Pereira et al., 2021): adversarial training on the hidden states of a random layer.
+
+One power-iteration step: start from a small random perturbation δ ~ N(0, σ²) of the hidden
+states at layer ℓ, take the gradient of the label term plus the virtual (symmetric KL) term with
+respect to δ, and move to δ = ε·g/‖g‖ (per example). The returned loss is
+``CE(f(x; δ), y) + α·symKL(f(x), f(x; δ))``, differentiable in the model's parameters and bounded
+because ‖δ‖ ≤ ε.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL divergence between two categorical distributions given as logits (batch mean)."""
+    p_log = F.log_softmax(p_logits.float(), dim=-1)
+    q_log = F.log_softmax(q_logits.float(), dim=-1)
+    kl_pq = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean")
+    kl_qp = F.kl_div(p_log, q_log, log_target=True, reduction="batchmean")
+    return kl_pq + kl_qp
+
+
+def perturbable_modules(model: nn.Module) -> list[nn.Module]:
+    """The embedding module and every encoder layer, whose outputs ALICE++ may perturb."""
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    encoder = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+    layers = getattr(encoder, "layer", None) if encoder is not None else None
+    if embeddings is None or layers is None:
+        raise ValueError(f"ALICE++: cannot find embeddings and encoder layers in {type(model).__name__}")
+    return [embeddings, *list(layers)]
+
+
+@contextmanager
+def add_to_output(module: nn.Module, delta_fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Forward hook that adds ``delta_fn(hidden)`` to a module's (first) output."""
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (out[0] + delta_fn(out[0]), *out[1:])
+        return out + delta_fn(out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def project(grad: torch.Tensor, eps: float, norm: str = "l2") -> torch.Tensor:
+    """The steepest-ascent step of size ε per example (L2 or inf norm)."""
+    if norm == "inf":
+        return eps * grad.sign()
+    flat = grad.reshape(grad.shape[0], -1)
+    scale = eps / (flat.norm(dim=1, keepdim=True) + 1e-12)
+    return (flat * scale).reshape(grad.shape)
+
+
+@dataclass
+class AliceOutput:
+    loss: torch.Tensor
+    delta: torch.Tensor
+    layer: int
+
+
+def alice_loss(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    clean_logits: torch.Tensor,
+    layer: int,
+    eps: float = 1e-2,
+    sigma: float = 1e-5,
+    alpha: float = 1.0,
+    norm: str = "l2",
+) -> AliceOutput:
+    """ALICE++ loss for one batch with the perturbation at ``layer`` (0 = embeddings)."""
+    module = perturbable_modules(model)[layer]
+    clean = clean_logits.detach()
+    mask = inputs["attention_mask"].unsqueeze(-1).to(torch.float32)
+    state: dict[str, torch.Tensor] = {}
+
+    def init_delta(hidden: torch.Tensor) -> torch.Tensor:
+        delta = (torch.randn_like(hidden, dtype=torch.float32) * sigma * mask).requires_grad_(True)
+        state["delta"] = delta
+        return delta.to(hidden.dtype)
+
+    with add_to_output(module, init_delta):
+        logits = model(**inputs).logits
+    probe = F.cross_entropy(logits.float(), labels) + alpha * sym_kl(clean, logits)
+    (grad,) = torch.autograd.grad(probe, state["delta"])
+    delta = (project(grad, eps, norm) * mask).detach()
+
+    with add_to_output(module, lambda hidden: delta.to(hidden.dtype)):
+        adv_logits = model(**inputs).logits
+    loss = F.cross_entropy(adv_logits.float(), labels) + alpha * sym_kl(clean, adv_logits)
+    return AliceOutput(loss=loss, delta=delta, layer=layer)
