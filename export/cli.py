@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from export.manifest import TARGETS
 from policies.labels import label_to_id
@@ -20,66 +19,44 @@ if TYPE_CHECKING:
     from training.meta import CheckpointMeta
 
 
-class ValRowFile(BaseModel):
-    """One validation row as the shared data and the project's data store it."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    text: str
-    label: str
-    policy: str
-
-
-def _jsonl_files(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(path.rglob("*.jsonl"))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SystemExit(f"uniguard export: --val {path}: no such file or folder")
-    if not files:
-        raise SystemExit(f"uniguard export: --val {', '.join(map(str, paths))}: no .jsonl files found")
-    return files
-
-
 def load_val_rows(
     paths: Sequence[Path],
     meta: CheckpointMeta,
     policy_dirs: Sequence[Path] = (),
     max_per_policy: int | None = None,
     seed: int = 0,
+    split: str = "val",
 ) -> list[tuple[str, str, int]]:
     """Read JSONL rows {text, label, policy} and map each policy name to its instruction text.
 
-    The checkpoint's own policies (the exact text it was trained with) win; other names come from
-    the registry (default policies plus ``policy_dirs``). With ``max_per_policy``, a seeded random
-    sample of that many rows per policy is kept.
+    Rows are read and cleaned by the training stage's loader; ``split`` keeps only the rows its
+    hash split puts there (``val`` by default, so a whole data folder can be passed without
+    measuring on training rows; ``all`` keeps every row). The checkpoint's own policies (the exact
+    text it was trained with) win; other names come from the registry (default policies plus
+    ``policy_dirs``). With ``max_per_policy``, a seeded random sample of that many rows per policy
+    is kept.
     """
     from policies.registry import PolicyRegistry
+    from training.data import DataError, clean_rows, load_rows, split_of
 
     instructions = {p.name: p.instruction_text for p in meta.policies}
     registry = PolicyRegistry.load(policy_dirs)
+    try:
+        rows_read, _ = clean_rows(load_rows(paths))
+    except DataError as exc:
+        raise SystemExit(f"uniguard export: --val: {exc}") from exc
     by_policy: dict[str, list[tuple[str, str, int]]] = {}
-    for file in _jsonl_files(paths):
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = ValRowFile.model_validate(json.loads(line))
-                    label = label_to_id(row.label)
-                except (json.JSONDecodeError, ValidationError, ValueError) as exc:
-                    raise SystemExit(f"uniguard export: {file}:{number}: invalid row: {exc}") from exc
-                if row.policy not in instructions:
-                    if row.policy not in registry:
-                        raise SystemExit(
-                            f"uniguard export: {file}:{number}: unknown policy {row.policy!r}; "
-                            "it is neither in the checkpoint nor in the registry (add --policy-dir)"
-                        )
-                    instructions[row.policy] = registry[row.policy].instruction_text()
-                by_policy.setdefault(row.policy, []).append((instructions[row.policy], row.text, label))
+    for row in rows_read:
+        if split != "all" and split_of(row.text) != split:
+            continue
+        if row.policy not in instructions:
+            if row.policy not in registry:
+                raise SystemExit(
+                    f"uniguard export: --val: unknown policy {row.policy!r}; "
+                    "it is neither in the checkpoint nor in the registry (add --policy-dir)"
+                )
+            instructions[row.policy] = registry[row.policy].instruction_text()
+        by_policy.setdefault(row.policy, []).append((instructions[row.policy], row.text, label_to_id(row.label)))
     rows: list[tuple[str, str, int]] = []
     rng = random.Random(seed)
     for name in sorted(by_policy):
@@ -87,6 +64,8 @@ def load_val_rows(
         if max_per_policy is not None and len(group) > max_per_policy:
             group = rng.sample(group, max_per_policy)
         rows += group
+    if not rows:
+        raise SystemExit(f"uniguard export: --val {', '.join(map(str, paths))}: no rows in split {split!r}")
     return rows
 
 
@@ -110,6 +89,12 @@ def register(sub: Any) -> None:
         metavar="FILE_OR_DIR",
         help="validation JSONL rows {text, label, policy} for the parity gate and the metrics "
         "(default: the policies' own examples)",
+    )
+    export.add_argument(
+        "--split",
+        choices=("train", "val", "test", "all"),
+        default="val",
+        help="keep only --val rows of this hash split (default val; 'all' keeps every row)",
     )
     export.add_argument("--max-per-policy", type=int, default=None, help="sample at most N validation rows per policy")
     export.add_argument("--policy-dir", type=Path, action="append", default=[], help="extra policy folder")
@@ -137,7 +122,7 @@ def run_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValidationError) as exc:
         print(f"uniguard export: --model {args.model}: {exc}", file=sys.stderr)
         return 2
-    rows = load_val_rows(args.val, meta, args.policy_dir, args.max_per_policy) if args.val else None
+    rows = load_val_rows(args.val, meta, args.policy_dir, args.max_per_policy, split=args.split) if args.val else None
     try:
         manifest = export_checkpoint(
             args.model,

@@ -118,7 +118,7 @@ def fp32_cli_export(decisive_checkpoint: Path, val_rows: list, tmp_path_factory:
         (val_dir / f"{policy}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path_factory.mktemp("fp32") / "model"
     args = ["export", "--model", str(decisive_checkpoint), "--target", "cpu-fp32", "--out", str(out)]
-    code = main([*args, "--val", str(val_dir), "--version", "1.0.0"])
+    code = main([*args, "--val", str(val_dir), "--split", "all", "--version", "1.0.0"])
     assert code == 0
     return out
 
@@ -209,7 +209,19 @@ def test_parity_gate_failure_writes_nothing(
 
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps({"text": "How do I make a bomb?", "label": "unsafe", "policy": "toxicity"}) + "\n")
-    args = ["export", "--model", str(decisive_checkpoint), "--target", "cpu-fp32", "--out", str(out), "--val", str(val)]
+    args = [
+        "export",
+        "--model",
+        str(decisive_checkpoint),
+        "--target",
+        "cpu-fp32",
+        "--out",
+        str(out),
+        "--val",
+        str(val),
+        "--split",
+        "all",
+    ]
     assert main(args) == 1
     assert not out.exists()
 
@@ -322,14 +334,16 @@ def test_load_val_rows_errors_name_the_file(decisive_checkpoint: Path, tmp_path:
         load_val_rows([bad], meta)
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"text": "hi", "label": "safe", "policy": "no_such_policy"}\n')
-    with pytest.raises(SystemExit, match=r"unknown\.jsonl:1: unknown policy 'no_such_policy'"):
-        load_val_rows([unknown], meta)
+    with pytest.raises(SystemExit, match=r"unknown policy 'no_such_policy'"):
+        load_val_rows([unknown], meta, split="all")
     good = tmp_path / "good"
     good.mkdir()
     lines = [{"text": f"q{i}", "label": "unsafe" if i % 2 else "safe", "policy": "toxicity"} for i in range(10)]
     lines.append({"text": "file my taxes", "label": "unsafe", "policy": "tax_advice"})
     (good / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    rows = load_val_rows([good], meta, max_per_policy=4)
+    # By default only the rows the training split function puts in "val" are kept.
+    assert sorted(r[1] for r in load_val_rows([good], meta)) == ["q6", "q7", "q9"]
+    rows = load_val_rows([good], meta, max_per_policy=4, split="all")
     toxicity = next(p.instruction_text for p in meta.policies if p.name == "toxicity")
     assert len(rows) == 5 and sum(r[0] == toxicity for r in rows) == 4
     assert ("file my taxes", 1) in [(r[1], r[2]) for r in rows]

@@ -44,7 +44,7 @@ class Row(BaseModel):
     text: str = Field(min_length=1)
     label: Label
     policy: str = Field(min_length=1)
-    source: str = Field(min_length=1)
+    source: str = Field(default="unknown", min_length=1)
     license: str = "unknown"
     category: str | None = None
     lang: str | None = None
