@@ -44,6 +44,12 @@ def register(sub: Any) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-engine", dest="engine", action="store_false", help="skip the raw engine measurement")
     bench.add_argument("--no-service", dest="service", action="store_false", help="skip the HTTP measurement")
+    bench.add_argument(
+        "--engine",
+        dest="service",
+        action="store_false",
+        help="the raw ONNX Runtime engine only (single-stream and batch-32), same as --no-service",
+    )
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.set_defaults(func=run_bench)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_long_query_windows_cover_text(tokenizer: Tokenizer) -> None:
     windows = enc.encode("a short policy", query)
     assert len(windows) > 2
     assert windows[0].char_start == 0 and windows[-1].char_end == len(query)
-    for a, b in zip(windows, windows[1:], strict=False):
+    for a, b in itertools.pairwise(windows):
         assert b.char_start < a.char_end  # overlapping spans
         assert b.char_start > a.char_start
     assert all(len(w) <= 48 for w in windows)
