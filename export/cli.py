@@ -101,7 +101,14 @@ def register(sub: Any) -> None:
     export.add_argument("--name", default=None, help="model name (default: the checkpoint's)")
     export.add_argument("--version", default=None, help="model version (default: today's date)")
     export.add_argument(
-        "--recalibrate", action="store_true", help="re-fit per-policy thresholds (best F1) on the ONNX scores"
+        "--recalibrate",
+        nargs="?",
+        const="f1",
+        default=None,
+        choices=("f1", "balanced"),
+        help="re-fit per-policy thresholds on the ONNX scores of the --val rows: best F1 of the unsafe class "
+        "(f1, the default when given) or best mean F1 of both classes (balanced: false positives weigh as "
+        "much as misses)",
     )
     export.add_argument("--isa", choices=("avx512_vnni", "avx2"), default=None, help="int8 config (default: detect)")
     export.add_argument(

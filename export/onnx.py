@@ -387,7 +387,7 @@ def export_checkpoint(
     version: str | None = None,
     *,
     skip_parity: bool = False,
-    recalibrate: bool = False,
+    recalibrate: str | None = None,
     isa: Isa | None = None,
     batch_size: int = 32,
 ) -> Manifest:
@@ -395,8 +395,8 @@ def export_checkpoint(
 
     ``val_rows`` (instruction text, query, label) feed the parity gate and the metrics recorded in
     the manifest. Without them, the gate runs on the policies' own examples from the registry.
-    With ``recalibrate``, per-policy thresholds are re-fitted (best F1) on the ONNX scores of the
-    rows. Raises ``ParityError`` (nothing is written) when the gate fails.
+    With ``recalibrate`` ("f1" or "balanced", see ``calibrate_threshold``), per-policy thresholds
+    are re-fitted on the ONNX scores of the rows. Raises ``ParityError`` (nothing is written) when the gate fails.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     for required in ("config.json", TOKENIZER_FILE):
@@ -490,7 +490,7 @@ def _gate_and_measure(
     target: Target,
     val_rows: list[ValRow],
     thresholds: dict[str, float],
-    recalibrate: bool,
+    recalibrate: str | None,
     skip_parity: bool,
     batch_size: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -528,10 +528,12 @@ def _gate_and_measure(
     if recalibrate:
         pol, y, s = np.asarray(policies, dtype=object), np.asarray(labels), np.asarray(onnx_scores)
         for p in sorted(set(policies)):
-            thresholds[p] = calibrate_threshold(s[pol == p], y[pol == p], default=thresholds[p])
+            thresholds[p] = calibrate_threshold(s[pol == p], y[pol == p], default=thresholds[p], objective=recalibrate)
     metrics = measure(policies, labels, onnx_scores, thresholds)
     metrics["engine"] = engine
-    metrics["thresholds"] = "recalibrated (best F1) on the ONNX scores of these rows" if recalibrate else "checkpoint"
+    metrics["thresholds"] = (
+        f"recalibrated (best {recalibrate} objective) on the ONNX scores of these rows" if recalibrate else "checkpoint"
+    )
 
     if skip_parity:
         return {"skipped": True, "reason": "--skip-parity (debugging only)"}, metrics

@@ -73,3 +73,17 @@ def test_macro() -> None:
     assert macro([0.5, 1.0]) == 0.75
     assert macro([]) == 0.0
     assert not math.isnan(macro([0.0]))
+
+
+def test_calibrate_balanced_weighs_false_positives_like_misses() -> None:
+    # Unsafe-heavy validation: best unsafe-F1 flags the safe prompt at 0.4; the balanced objective
+    # (mean F1 of both classes) keeps it safe.
+    scores = [0.35, 0.4, 0.6, 0.7, 0.8, 0.9, 0.1]
+    labels = [1, 0, 1, 1, 1, 1, 0]
+    f1_t = calibrate_threshold(scores, labels)  # unsafe F1 10/11 at 0.225 (flags the safe 0.4)
+    balanced_t = calibrate_threshold(scores, labels, objective="balanced")  # mean F1 (8/9 + 4/5) / 2 at 0.5
+    assert abs(f1_t - 0.225) < 1e-9
+    assert abs(balanced_t - 0.5) < 1e-9
+    assert binary_metrics(scores, labels, balanced_t).fpr == 0.0
+    with pytest.raises(ValueError, match="objective"):
+        calibrate_threshold(scores, labels, objective="accuracy")

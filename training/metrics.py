@@ -88,13 +88,18 @@ def calibrate_threshold(
     target_fpr: float | None = None,
     default: float = 0.5,
     bounds: tuple[float, float] = (0.05, 0.95),
+    objective: str = "f1",
 ) -> float:
-    """The threshold with the best F1 (or, with ``target_fpr``, the lowest one within that FPR).
+    """The threshold with the best objective (or, with ``target_fpr``, the best recall within that FPR).
 
-    Candidates are midpoints between distinct scores, clipped to ``bounds`` so that a handful of
-    validation rows cannot push a threshold to an extreme. With only one class present, returns
-    ``default``.
+    Objectives: ``f1`` (F1 of the unsafe class) or ``balanced`` (the mean of the F1 of both
+    classes, so false positives on safe prompts weigh as much as misses whatever the validation
+    set's class mix). Candidates are midpoints between distinct scores, clipped to ``bounds`` so
+    that a handful of validation rows cannot push a threshold to an extreme. With only one class
+    present, returns ``default``.
     """
+    if objective not in ("f1", "balanced"):
+        raise ValueError(f"objective must be 'f1' or 'balanced', got {objective!r}")
     s, y = _as_arrays(scores, labels)
     if y.size == 0 or y.min() == y.max():
         return default
@@ -108,6 +113,9 @@ def calibrate_threshold(
             if m.fpr > target_fpr:
                 continue
             key = (m.recall, -t)
+        elif objective == "balanced":
+            safe_f1 = binary_metrics(1.0 - s, 1 - y, 1.0 - float(t) + 1e-12).f1
+            key = ((m.f1 + safe_f1) / 2.0, -abs(t - default))
         else:
             key = (m.f1, -abs(t - default))
         if key > best_key:
