@@ -14,24 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from training.meta import META_FILE
+from training.metrics import BinaryMetrics
 
 MANIFEST_NAME = "manifest.json"
-META_NAME = "uniguard_meta.json"
 
 
-class PolicyReport(BaseModel):
-    """The metrics of one policy (unsafe is the positive class)."""
+class PolicyReport(BinaryMetrics):
+    """The metrics of one policy (unsafe is the positive class) plus accuracy per source and label."""
 
-    precision: float
-    recall: float
-    f1: float
-    fpr: float
-    auroc: float | None
-    support: int
-    positives: int
-    threshold: float
-    by_source: dict[str, float] = {}
+    by_source: dict[str, float] = Field(default_factory=dict)
 
 
 class Scorer(Protocol):
@@ -81,7 +75,7 @@ def load_model(folder: Path, threads: int | None = 2) -> LoadedModel:
             thresholds=dict(manifest.thresholds),
             default_threshold=manifest.default_threshold,
         )
-    if (folder / META_NAME).is_file():
+    if (folder / META_FILE).is_file():
         from training.predict import TorchScorer
 
         scorer = TorchScorer.load(folder, threads=threads)
@@ -95,7 +89,7 @@ def load_model(folder: Path, threads: int | None = 2) -> LoadedModel:
             default_threshold=meta.default_threshold,
         )
     raise SystemExit(
-        f"uniguard eval: {folder} is neither a training checkpoint ({META_NAME}) nor an exported model "
+        f"uniguard eval: {folder} is neither a training checkpoint ({META_FILE}) nor an exported model "
         f"({MANIFEST_NAME}); pass --model DIR of one of them"
     )
 
@@ -144,17 +138,7 @@ def evaluate_rows(
             key = f"{rows[i].source}:{rows[i].label}"
             by_source.setdefault(key, []).append(int(scores[i] >= threshold) == rows[i].y)
         acc = {k: sum(v) / len(v) for k, v in sorted(by_source.items())}
-        reports[policy] = PolicyReport(
-            precision=m.precision,
-            recall=m.recall,
-            f1=m.f1,
-            fpr=m.fpr,
-            auroc=m.auroc,
-            support=m.support,
-            positives=m.positives,
-            threshold=threshold,
-            by_source=acc | {"_macro": macro(list(acc.values()))},
-        )
+        reports[policy] = PolicyReport(**m.model_dump(), by_source=acc | {"_macro": macro(list(acc.values()))})
         curves[policy] = (list(s), list(y))
     return reports, curves
 
