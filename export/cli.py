@@ -110,6 +110,13 @@ def register(sub: Any) -> None:
         "(f1, the default when given) or best mean F1 of both classes (balanced: false positives weigh as "
         "much as misses)",
     )
+    export.add_argument(
+        "--target-fpr",
+        type=float,
+        default=None,
+        help="with --recalibrate: the threshold with the best recall whose false-positive rate on the --val rows "
+        "is at most this",
+    )
     export.add_argument("--isa", choices=("avx512_vnni", "avx2"), default=None, help="int8 config (default: detect)")
     export.add_argument(
         "--skip-parity", action="store_true", help="debugging only: skip the parity gate (recorded in the manifest)"
@@ -140,6 +147,7 @@ def run_export(args: argparse.Namespace) -> int:
             version=args.version,
             skip_parity=args.skip_parity,
             recalibrate=args.recalibrate,
+            target_fpr=args.target_fpr,
             isa=args.isa,
         )
     except ParityError as exc:

@@ -388,6 +388,7 @@ def export_checkpoint(
     *,
     skip_parity: bool = False,
     recalibrate: str | None = None,
+    target_fpr: float | None = None,
     isa: Isa | None = None,
     batch_size: int = 32,
 ) -> Manifest:
@@ -441,7 +442,7 @@ def export_checkpoint(
 
         thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
         parity, metrics = _gate_and_measure(
-            checkpoint, staging, meta, target, val_rows, thresholds, recalibrate, skip_parity, batch_size
+            checkpoint, staging, meta, target, val_rows, thresholds, recalibrate, skip_parity, batch_size, target_fpr
         )
         metrics["rows_source"] = rows_source
         parity["rows_source"] = rows_source
@@ -493,6 +494,7 @@ def _gate_and_measure(
     recalibrate: str | None,
     skip_parity: bool,
     batch_size: int,
+    target_fpr: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score the rows with ONNX (and torch unless skipped); return (parity, metrics) for the manifest.
 
@@ -528,11 +530,17 @@ def _gate_and_measure(
     if recalibrate:
         pol, y, s = np.asarray(policies, dtype=object), np.asarray(labels), np.asarray(onnx_scores)
         for p in sorted(set(policies)):
-            thresholds[p] = calibrate_threshold(s[pol == p], y[pol == p], default=thresholds[p], objective=recalibrate)
+            thresholds[p] = calibrate_threshold(
+                s[pol == p], y[pol == p], default=thresholds[p], objective=recalibrate, target_fpr=target_fpr
+            )
     metrics = measure(policies, labels, onnx_scores, thresholds)
     metrics["engine"] = engine
     metrics["thresholds"] = (
-        f"recalibrated (best {recalibrate} objective) on the ONNX scores of these rows" if recalibrate else "checkpoint"
+        f"recalibrated (best {recalibrate} objective"
+        + (f", false-positive rate <= {target_fpr}" if target_fpr is not None else "")
+        + ") on the ONNX scores of these rows"
+        if recalibrate
+        else "checkpoint"
     )
 
     if skip_parity:
