@@ -140,21 +140,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_command(model_dir: Path | str, port: int) -> list[str]:
+    """The command line of a ``uniguard serve`` on localhost, run with this interpreter."""
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "-m", "uniguard", "serve", *address, "--model", str(model_dir)]
+
+
 def start_server(model_dir: Path, port: int, env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "UNIGUARD_LOG_LEVEL": "warning", **(env_extra or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "uniguard",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        str(model_dir),
-    ]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(serve_command(model_dir, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 120.0) -> None:

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+
+from service.bench import serve_command
 
 SECRET = "zebra-quokka-7731 please rate my pineapple ransom letter"
 GOOD_POLICY = """name: {name}
@@ -44,18 +45,7 @@ def _env(**settings: str) -> dict[str, str]:
 
 
 def _serve_cmd(model: Path | str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uniguard",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        str(model),
-    ]
+    return serve_command(model, port)
 
 
 @contextmanager
