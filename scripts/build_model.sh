@@ -8,10 +8,13 @@ DATA=${1:-../shared/data}
 RUNS=${2:-runs}
 OUT=${3:-models/uniguard-minilm}
 VERSION=${UNIGUARD_MODEL_VERSION:-$(date +%Y.%m.%d)}
-MT_MINUTES=${MT_MINUTES:-70}          # MultiTaskGuard time budget
-TG_MINUTES=${TG_MINUTES:-20}          # per TaskGuard
-TG_POLICIES=${TG_POLICIES:-"financial_advice tax_advice"}
+MT_MINUTES=${MT_MINUTES:-25}          # MultiTaskGuard time budget (the default recipe)
+TG_MINUTES=${TG_MINUTES:-6}           # per TaskGuard
+TG_POLICIES=${TG_POLICIES:-"prompt_injection toxicity content_safety financial_advice tax_advice"}
 MERGE_ITERATIONS=${MERGE_ITERATIONS:-50}
+MERGE_STRATEGIES=${MERGE_STRATEGIES:-thompson,random}  # the winner over both; report.json compares them
+MERGE_ROWS=${MERGE_ROWS:-60}          # validation rows per policy in each of the search and held-out parts
+TARGET_FPR=${TARGET_FPR:-0.1}         # thresholds: best recall with validation FPR <= this
 SKIP_MERGE=${SKIP_MERGE:-0}           # 1: export the MultiTaskGuard as it is
 
 [ -d "$DATA" ] || { echo "build_model: $DATA is not a folder (pass the shared data folder)" >&2; exit 2; }
@@ -32,15 +35,17 @@ done
 
 model="$RUNS/multitask"
 if [ "$SKIP_MERGE" != 1 ]; then
-  echo "== 3/5 UniGuard merge search ($MERGE_ITERATIONS iterations, Thompson sampling)"
+  echo "== 3/5 UniGuard merge search ($MERGE_ITERATIONS iterations per strategy: $MERGE_STRATEGIES)"
   "$BIN/uniguard" merge search --candidates "${candidates[@]}" --val "$DATA" training/data/seed \
-    --iterations "$MERGE_ITERATIONS" --strategy thompson --out "$RUNS/uniguard"
+    --iterations "$MERGE_ITERATIONS" --strategy "$MERGE_STRATEGIES" --max-rows-per-policy "$MERGE_ROWS" \
+    --full-report --out "$RUNS/uniguard"
   model="$RUNS/uniguard"
 fi
 
 echo "== 4/5 export cpu-int8 (parity gate on the validation split)"
 "$BIN/uniguard" export --model "$model" --target cpu-int8 --out "$OUT" --name uniguard-minilm --version "$VERSION" \
-  --val "$DATA" training/data/seed --split val --policy-dir training/data/policies --max-per-policy 300
+  --val "$DATA" training/data/seed --split val --policy-dir training/data/policies --max-per-policy 300 \
+  --recalibrate balanced --target-fpr "$TARGET_FPR"
 
 echo "== 5/5 evaluation and model card"
 "$BIN/uniguard" eval --model "$OUT" --data "$DATA" training/data/seed --split test \

@@ -58,7 +58,7 @@ class TrainConfig(BaseModel):
     epochs: int = 2
     examples_per_epoch: int = 4800
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float = 8e-5
     warmup: float = 0.06
     weight_decay: float = 0.01
     max_minutes: float = 25.0
