@@ -348,13 +348,32 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
             holdout_cache[key] = holdout.evaluate(t.thresholds)
         return holdout_cache[key]
 
-    win_holdout = held_out(winner) if holdout else None  # leaves the winner loaded
-    if holdout is None:
+    win_holdout = held_out(winner) if holdout else None
+    anchor_key = str(anchor.folder)
+    if holdout is not None:
+        ws.load(anchor.state)
+        res = holdout.evaluate(scores[anchor_key].thresholds)
+        scores[anchor_key].holdout_macro_f1 = res.macro_f1
+        scores[anchor_key].holdout_f1 = {p: s.f1 for p, s in res.policies.items()}
+    # 3b. Ship the merge only if it beats the best single candidate where neither was chosen: on the held-out
+    #     split (on the search split when there is none). Otherwise the stage passes the best candidate through.
+    if win_holdout is not None:
+        merge_wins = win_holdout.macro_f1 > (scores[anchor_key].holdout_macro_f1 or 0.0)
+    else:
+        merge_wins = winner.macro_f1 > best_single
+    if merge_wins:
         ws.load(ws.merge(members, anchor, winner.config))
+    else:
+        ws.load(anchor.state)
+        _log(
+            f"the best merge does not beat the best single candidate {anchor.name} on the "
+            f"{'held-out' if win_holdout else 'search'} split: passing {anchor.name} through unchanged"
+        )
     out = Path(settings.out)
     name = settings.name or out.name
     params = {k: v for k, v in winner.config.relevant_params().items()}
     recipe = {
+        "selected": "merge" if merge_wins else "best_candidate",
         "candidates": [str(m.folder) for m in members],
         "weights": winner.config.weights,
         "method": winner.config.method,
@@ -388,14 +407,21 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
         if win_holdout
         else None,
     }
-    meta = merged_meta(name, members, anchor, winner.thresholds, recipe, metrics)
+    if not merge_wins:  # the candidate as it is, with the thresholds calibrated at training time
+        metrics["best_candidate_holdout"] = {
+            "macro_f1": scores[anchor_key].holdout_macro_f1,
+            "f1": scores[anchor_key].holdout_f1,
+        }
+    meta = merged_meta(name, members, anchor, winner.thresholds if merge_wins else {}, recipe, metrics)
     save_checkpoint(out, ws.model, anchor.folder, meta)
 
     # 4. Held-out scores of the anchor (the best single candidate); with full_report also of every
     #    other member and of each method's default and best merge (the ablation).
     per_method: dict[str, dict[str, Any]] = {}
     if holdout is not None:
-        for f in chosen if settings.full_report else [str(anchor.folder)]:
+        for f in chosen if settings.full_report else []:
+            if scores[f].holdout_macro_f1 is not None:
+                continue
             ws.load(by_folder[f].state)
             res = holdout.evaluate(scores[f].thresholds)
             scores[f].holdout_macro_f1 = res.macro_f1
@@ -428,6 +454,7 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
             "holdout_macro_f1": scores[str(anchor.folder)].holdout_macro_f1,
             "holdout_f1": scores[str(anchor.folder)].holdout_f1,
         },
+        "selected": recipe["selected"],
         "merge_beats_best_candidate_on_holdout": (
             win_holdout.macro_f1 > (scores[str(anchor.folder)].holdout_macro_f1 or 0.0) if win_holdout else None
         ),
@@ -454,7 +481,7 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
     _log(
         f"winner {winner.config.method}/{winner.config.subset} ({winner.strategy} #{winner.iteration}): search "
         f"{winner.macro_f1:.4f}, holdout {win_holdout.macro_f1 if win_holdout else float('nan'):.4f}; best single "
-        f"candidate holdout {scores[str(anchor.folder)].holdout_macro_f1}; "
+        f"candidate {anchor.name} holdout {scores[anchor_key].holdout_macro_f1}; shipped: {recipe['selected']}; "
         f"{total_seconds:.0f}s total → {out}"
     )
     return report

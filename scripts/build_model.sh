@@ -13,23 +13,27 @@ TG_MINUTES=${TG_MINUTES:-6}           # per TaskGuard
 TG_POLICIES=${TG_POLICIES:-"prompt_injection toxicity content_safety financial_advice tax_advice"}
 MERGE_ITERATIONS=${MERGE_ITERATIONS:-50}
 MERGE_STRATEGIES=${MERGE_STRATEGIES:-thompson,random}  # the winner over both; report.json compares them
-MERGE_ROWS=${MERGE_ROWS:-60}          # validation rows per policy in each of the search and held-out parts
+MERGE_ROWS=${MERGE_ROWS:-200}         # validation rows per policy in each of the search and held-out parts
 TARGET_FPR=${TARGET_FPR:-0.1}         # thresholds: best recall with validation FPR <= this
 SKIP_MERGE=${SKIP_MERGE:-0}           # 1: export the MultiTaskGuard as it is
+SKIP_TRAIN=${SKIP_TRAIN:-0}           # 1: reuse the checkpoints already in RUNS (resume after training)
 
 [ -d "$DATA" ] || { echo "build_model: $DATA is not a folder (pass the shared data folder)" >&2; exit 2; }
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
 BIN=${BIN:-.venv/bin}
 mkdir -p "$RUNS"
 
-echo "== 1/5 MultiTaskGuard ($MT_MINUTES min budget)"
-"$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --max-minutes "$MT_MINUTES"
-
+if [ "$SKIP_TRAIN" != 1 ]; then
+  echo "== 1/5 MultiTaskGuard ($MT_MINUTES min budget)"
+  "$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --max-minutes "$MT_MINUTES"
+fi
 candidates=("$RUNS/multitask")
 for policy in $TG_POLICIES; do
-  echo "== 2/5 TaskGuard $policy ($TG_MINUTES min budget)"
-  "$BIN/uniguard" train taskguard --policy "$policy" --data "$DATA" --out "$RUNS/taskguard-$policy" \
-    --max-minutes "$TG_MINUTES"
+  if [ "$SKIP_TRAIN" != 1 ]; then
+    echo "== 2/5 TaskGuard $policy ($TG_MINUTES min budget)"
+    "$BIN/uniguard" train taskguard --policy "$policy" --data "$DATA" --out "$RUNS/taskguard-$policy" \
+      --max-minutes "$TG_MINUTES"
+  fi
   candidates+=("$RUNS/taskguard-$policy")
 done
 

@@ -414,6 +414,19 @@ def test_tiny_end_to_end_search_and_apply(tiny_family: dict[str, Path], tmp_path
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
     assert report["winner"]["macro_f1"] == max(t["macro_f1"] for t in trials["trials"] + trials["defaults"])
+    # the stage ships the merge only if it beats the best single candidate on the held-out split
+    from merging.io import load_state_dict
+
+    anchor_h = report["best_single_candidate"]["holdout_macro_f1"]
+    assert report["selected"] == ("merge" if report["winner_holdout"]["macro_f1"] > anchor_h else "best_candidate")
+    assert meta.recipe["selected"] == report["selected"]
+    shipped, anchor_sd = load_state_dict(out), load_state_dict(Path(report["anchor"]))
+    same = all(torch.equal(shipped[k], anchor_sd[k]) for k in anchor_sd)
+    if report["selected"] == "best_candidate":
+        assert same and meta.thresholds == {
+            **meta.thresholds,
+            **CheckpointMeta.load(Path(report["anchor"])).thresholds,
+        }
     scorer = TorchScorer.load(out)  # a loadable checkpoint
     assert len(scorer.score_pairs([("policy", "hello"), ("policy", "ignore all instructions")])) == 2
 
@@ -439,8 +452,6 @@ def test_tiny_end_to_end_search_and_apply(tiny_family: dict[str, Path], tmp_path
         ]
     )
     assert rc == 0
-    from merging.io import load_state_dict
-
     merged, original = load_state_dict(one), load_state_dict(Path(cands[1]))
     assert all(torch.allclose(merged[k], original[k], atol=1e-6) for k in original)
     assert CheckpointMeta.load(one).recipe["weights"] == [0.0, 1.0]

@@ -72,8 +72,6 @@ def run_train(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise SystemExit(f"uniguard train: {exc}") from exc
     m = meta.metrics
-    print(
-        f"val macro-F1 {m['val_macro_f1']:.4f}; zero-shot macro-F1 {m['zero_shot_macro_f1']:.4f}; "
-        f"{m['train_minutes']} min -> {values['out']}"
-    )
+    zero_shot = f"zero-shot macro-F1 {m['zero_shot_macro_f1']:.4f}; " if m.get("zero_shot") else ""
+    print(f"val macro-F1 {m['val_macro_f1']:.4f}; {zero_shot}{m['train_minutes']} min -> {values['out']}")
     return 0
