@@ -67,6 +67,10 @@ def test_calibrate_target_fpr_and_bounds() -> None:
     looser = calibrate_threshold(scores, labels, target_fpr=0.2)
     assert looser <= t
     assert 0.05 <= calibrate_threshold([0.001, 0.002], [0, 1]) <= 0.95
+    # separable scores: full recall is reachable anywhere in (0.3, 0.8); the threshold must not sit at the
+    # bottom of that range (that would flag every borderline safe prompt for nothing)
+    sep = calibrate_threshold([0.1, 0.2, 0.3, 0.8, 0.9], [0, 0, 0, 1, 1], target_fpr=0.5)
+    assert binary_metrics([0.1, 0.2, 0.3, 0.8, 0.9], [0, 0, 0, 1, 1], sep).fpr == 0.0 and sep >= 0.5
 
 
 def test_macro() -> None:

@@ -90,7 +90,8 @@ def calibrate_threshold(
     bounds: tuple[float, float] = (0.05, 0.95),
     objective: str = "f1",
 ) -> float:
-    """The threshold with the best objective (or, with ``target_fpr``, the best recall within that FPR).
+    """The threshold with the best objective (or, with ``target_fpr``, the best recall within that FPR and,
+    among equal recalls, the fewest false positives: never a lower threshold than the recall needs).
 
     Objectives: ``f1`` (F1 of the unsafe class) or ``balanced`` (the mean of the F1 of both
     classes, so false positives on safe prompts weigh as much as misses whatever the validation
@@ -112,7 +113,7 @@ def calibrate_threshold(
         if target_fpr is not None:
             if m.fpr > target_fpr:
                 continue
-            key = (m.recall, -t)
+            key = (m.recall, -m.fpr, -abs(t - default))  # ties: fewer false positives, then nearest the default
         elif objective == "balanced":
             safe_f1 = binary_metrics(1.0 - s, 1 - y, 1.0 - float(t) + 1e-12).f1
             key = ((m.f1 + safe_f1) / 2.0, -abs(t - default))
