@@ -117,6 +117,13 @@ def register(sub: Any) -> None:
         help="with --recalibrate: the threshold with the best recall whose false-positive rate on the --val rows "
         "is at most this",
     )
+    export.add_argument(
+        "--recalibrate-min-rows",
+        type=int,
+        default=30,
+        help="with --recalibrate: re-fit only policies with at least this many --val rows of each label; the others "
+        "keep the checkpoint's threshold (default 30)",
+    )
     export.add_argument("--isa", choices=("avx512_vnni", "avx2"), default=None, help="int8 config (default: detect)")
     export.add_argument(
         "--skip-parity", action="store_true", help="debugging only: skip the parity gate (recorded in the manifest)"
@@ -148,6 +155,7 @@ def run_export(args: argparse.Namespace) -> int:
             skip_parity=args.skip_parity,
             recalibrate=args.recalibrate,
             target_fpr=args.target_fpr,
+            recalibrate_min_rows=args.recalibrate_min_rows,
             isa=args.isa,
         )
     except ParityError as exc:

@@ -389,6 +389,7 @@ def export_checkpoint(
     skip_parity: bool = False,
     recalibrate: str | None = None,
     target_fpr: float | None = None,
+    recalibrate_min_rows: int = 30,
     isa: Isa | None = None,
     batch_size: int = 32,
 ) -> Manifest:
@@ -442,7 +443,17 @@ def export_checkpoint(
 
         thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
         parity, metrics = _gate_and_measure(
-            checkpoint, staging, meta, target, val_rows, thresholds, recalibrate, skip_parity, batch_size, target_fpr
+            checkpoint,
+            staging,
+            meta,
+            target,
+            val_rows,
+            thresholds,
+            recalibrate,
+            skip_parity,
+            batch_size,
+            target_fpr,
+            recalibrate_min_rows,
         )
         metrics["rows_source"] = rows_source
         parity["rows_source"] = rows_source
@@ -484,6 +495,30 @@ def _policy_example_rows(meta: CheckpointMeta) -> list[ValRow]:
     return rows
 
 
+def recalibrate_thresholds(
+    policies: Sequence[str],
+    labels: Sequence[int],
+    scores: Sequence[float],
+    thresholds: dict[str, float],
+    objective: str,
+    target_fpr: float | None,
+    min_rows: int,
+) -> list[str]:
+    """Re-fit ``thresholds`` in place on these scores, for the policies with at least ``min_rows`` rows of each
+    label (a threshold fitted on a dozen rows is noise: the others keep theirs). Returns the re-fitted names."""
+    pol, y, s = np.asarray(policies, dtype=object), np.asarray(labels), np.asarray(scores)
+    refitted = []
+    for p in sorted(set(policies)):
+        mask = pol == p
+        if min(int((y[mask] == 1).sum()), int((y[mask] == 0).sum())) < min_rows:
+            continue
+        thresholds[p] = calibrate_threshold(
+            s[mask], y[mask], default=thresholds[p], objective=objective, target_fpr=target_fpr
+        )
+        refitted.append(p)
+    return refitted
+
+
 def _gate_and_measure(
     checkpoint: Path,
     staging: Path,
@@ -495,6 +530,7 @@ def _gate_and_measure(
     skip_parity: bool,
     batch_size: int,
     target_fpr: float | None = None,
+    recalibrate_min_rows: int = 30,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score the rows with ONNX (and torch unless skipped); return (parity, metrics) for the manifest.
 
@@ -527,18 +563,18 @@ def _gate_and_measure(
         engine += " (fp16 kernels on CPU, not the CUDA EP)"
     onnx_scores = _score(windows, scorer.run_batch, batch_size, f"onnx {target}")
 
+    refitted: list[str] = []
     if recalibrate:
-        pol, y, s = np.asarray(policies, dtype=object), np.asarray(labels), np.asarray(onnx_scores)
-        for p in sorted(set(policies)):
-            thresholds[p] = calibrate_threshold(
-                s[pol == p], y[pol == p], default=thresholds[p], objective=recalibrate, target_fpr=target_fpr
-            )
+        refitted = recalibrate_thresholds(
+            policies, labels, onnx_scores, thresholds, recalibrate, target_fpr, recalibrate_min_rows
+        )
     metrics = measure(policies, labels, onnx_scores, thresholds)
     metrics["engine"] = engine
     metrics["thresholds"] = (
         f"recalibrated (best {recalibrate} objective"
         + (f", false-positive rate <= {target_fpr}" if target_fpr is not None else "")
-        + ") on the ONNX scores of these rows"
+        + f") on the ONNX scores of these rows for {', '.join(refitted) or 'no policy'}; the checkpoint's for "
+        f"policies with fewer than {recalibrate_min_rows} rows of either label"
         if recalibrate
         else "checkpoint"
     )

@@ -368,3 +368,20 @@ def test_model_card(int8_export: Path) -> None:
     assert "| toxicity | 0.500 |" in card and "Apache-2.0" in card and "| **macro** |" in card
     assert "verdict agreement" in card and "model.onnx" in card
     Manifest.load(int8_export)  # the card is not part of the checksummed files
+
+
+def test_recalibration_refits_only_policies_with_enough_rows_of_each_label() -> None:
+    from export.onnx import recalibrate_thresholds
+
+    rng = np.random.default_rng(0)
+    big_scores = list(rng.uniform(0.0, 0.5, 40)) + list(rng.uniform(0.6, 1.0, 40))
+    big_labels = [0] * 40 + [1] * 40
+    small_scores, small_labels = [0.1, 0.95, 0.97, 0.2], [0, 1, 1, 0]
+    policies = ["big"] * 80 + ["small"] * 4
+    thresholds = {"big": 0.05, "small": 0.3}
+    refitted = recalibrate_thresholds(
+        policies, big_labels + small_labels, big_scores + small_scores, thresholds, "f1", 0.1, min_rows=30
+    )
+    assert refitted == ["big"]
+    assert thresholds["small"] == 0.3  # two rows per label: kept
+    assert 0.5 <= thresholds["big"] <= 0.6  # separable: re-fitted into the gap
