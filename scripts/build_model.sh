@@ -2,7 +2,7 @@
 # `make model`: rebuild the shipped default model end to end with the project's own commands:
 #   train (MultiTaskGuard + TaskGuards) -> merge (bandit search) -> export cpu-int8 -> evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
-# Time on this 2-core machine: see docs/TRAINING.md (about 2.5 hours with the defaults below).
+# Time on this 2-core machine: about 65 minutes with the defaults below (docs/RESULTS.md §2).
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs}

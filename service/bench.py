@@ -318,7 +318,9 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if not engine or not service:
         return {}
     best = max(service["levels"], key=lambda r: r["pairs_per_s"])
-    ratio = best["pairs_per_s"] / engine["batch32"]["pairs_per_s"]
+    # the raw engine's saturation throughput: its better mode (batch-32 pads mixed lengths; single-stream does not)
+    engine_best = max(engine["batch32"]["pairs_per_s"], engine["single_stream"]["pairs_per_s"])
+    ratio = best["pairs_per_s"] / engine_best
     batch_ms = engine["batch32"]["p50_ms"]
     return {
         "throughput_ratio": {"value": ratio, "target": ">= 0.85", "ok": ratio >= 0.85},
