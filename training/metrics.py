@@ -107,18 +107,18 @@ def calibrate_threshold(
     uniq = np.unique(s)
     cands = np.concatenate([[default], (uniq[:-1] + uniq[1:]) / 2.0]) if uniq.size > 1 else np.array([default])
     cands = np.clip(cands, *bounds)
-    best_t, best_key = default, (-1.0, 0.0)
+    best_t, best_key = default, (-1.0, 0.0, 0.0)
     for t in np.unique(cands):
         m = binary_metrics(s, y, float(t))
         if target_fpr is not None:
             if m.fpr > target_fpr:
                 continue
-            key = (m.recall, -m.fpr, -abs(t - default))  # ties: fewer false positives, then nearest the default
+            key: tuple[float, float, float] = (m.recall, -m.fpr, -abs(t - default))  # ties: fewer FPs, nearest default
         elif objective == "balanced":
             safe_f1 = binary_metrics(1.0 - s, 1 - y, 1.0 - float(t) + 1e-12).f1
-            key = ((m.f1 + safe_f1) / 2.0, -abs(t - default))
+            key = ((m.f1 + safe_f1) / 2.0, 0.0, -abs(t - default))
         else:
-            key = (m.f1, -abs(t - default))
+            key = (m.f1, 0.0, -abs(t - default))
         if key > best_key:
             best_t, best_key = float(t), key
     return best_t
