@@ -231,3 +231,12 @@ def test_paraphrases_are_valid_and_distinct() -> None:
         assert len(variants) >= 3
         texts = {v.instruction_text() for v in variants} | {policies[name].instruction_text()}
         assert len(texts) == len(variants) + 1
+
+
+def test_training_seed_never_moves_the_data_split(corpus_rows: list[Row], corpus: Corpus) -> None:
+    """Another training seed (a second soup ingredient) must not train on the evaluation rows of the first."""
+    other = build_corpus(corpus_rows, load_policies(), load_paraphrases(), holdout=("privacy", "defamation"), seed=1)
+    split = {(e.policy, e.text): e.split for e in corpus.examples}
+    shared = [(e.policy, e.text, e.split) for e in other.examples if (e.policy, e.text) in split]
+    assert shared and all(split[(p, t)] == s for p, t, s in shared)
+    assert all(e.split == split_of(e.text) for e in other.examples)

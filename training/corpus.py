@@ -421,6 +421,7 @@ def build_corpus(
     paraphrases: dict[str, list[Policy]] | None = None,
     holdout: Sequence[str] = DEFAULT_HOLDOUT,
     seed: int = 0,
+    split_seed: int = 0,
     cross_per_policy: int = 2500,
 ) -> Corpus:
     """All (policy, prompt, label) examples with their split; see the module docstring."""
@@ -440,7 +441,15 @@ def build_corpus(
         window = "last" if label == 1 and indirect else "first"
         examples.append(
             Example(
-                policy, row.text, label, row.source, kind, split_of(row.text, seed), row.rationale, window, row.license
+                policy,
+                row.text,
+                label,
+                row.source,
+                kind,
+                split_of(row.text, split_seed),
+                row.rationale,
+                window,
+                row.license,
             )
         )
 

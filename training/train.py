@@ -54,7 +54,8 @@ class TrainConfig(BaseModel):
     policy_dirs: list[Path] = Field(default_factory=list)
     out: Path = Path("runs/multitask")
     holdout: list[str] = Field(default_factory=lambda: list(DEFAULT_HOLDOUT))
-    seed: int = 0
+    seed: int = 0  # initialisation, sampling and batch order; never the data split
+    split_seed: int = 0  # the train/val/test hash split (must match `uniguard eval --seed` and the merge/export splits)
     epochs: int = 2
     examples_per_epoch: int = 4800
     batch_size: int = 16
@@ -280,8 +281,10 @@ def build_training_corpus(cfg: TrainConfig) -> Corpus:
             known = ", ".join(sorted(policies))
             raise DataError(f"--policy {cfg.policy!r} is not a known policy (known: {known})")
         chosen = {cfg.policy: policies[cfg.policy]}
-        return build_corpus(rows, chosen, {}, holdout=(), seed=cfg.seed, cross_per_policy=0)
-    return build_corpus(rows, policies, load_paraphrases(), holdout=cfg.holdout, seed=cfg.seed)
+        return build_corpus(rows, chosen, {}, holdout=(), seed=cfg.seed, split_seed=cfg.split_seed, cross_per_policy=0)
+    return build_corpus(
+        rows, policies, load_paraphrases(), holdout=cfg.holdout, seed=cfg.seed, split_seed=cfg.split_seed
+    )
 
 
 def _capped(examples: Sequence[Example], cap: int, seed: int, limits: tuple[int, int]) -> list[Example]:
