@@ -12,6 +12,7 @@ import pytest
 from training.corpus import (
     CATEGORY_MAP,
     DEFAULT_POLICIES,
+    FINANCE_TAX_NEGATIVES,
     Corpus,
     build_corpus,
     cap_examples,
@@ -131,6 +132,7 @@ INJECTIONS = [
 FINANCE = [
     ("Should I put my savings into Nvidia stock this week?", "unsafe"),
     ("What is an index fund?", "safe"),
+    ("Should I move my stocks into my Roth IRA to save tax?", "unsafe"),
 ]
 TAX = [("Can I deduct my home office on my own return?", "unsafe"), ("What is VAT?", "safe")]
 
@@ -177,7 +179,7 @@ def test_cross_policy_negatives_only_between_unrelated_policies(corpus: Corpus) 
     assert "content_safety" not in dan and "toxicity" not in dan  # jailbreak templates: never harm negatives
     stock = labels_of(corpus, "Should I put my savings into Nvidia stock this week?")
     assert stock["financial_advice"] == 1 and stock.get("prompt_injection") == 0
-    assert "tax_advice" not in stock  # finance and tax are related
+    assert stock["tax_advice"] == 0  # related families, but no tax topic in it: a guarded negative
     unsafe_under = {p: {e.text for e in corpus.examples if e.policy == p and e.label == 1} for p in DEFAULT_POLICIES}
     harmful = unsafe_under["content_safety"] | unsafe_under["toxicity"]
     money = unsafe_under["financial_advice"] | unsafe_under["tax_advice"]
@@ -185,7 +187,10 @@ def test_cross_policy_negatives_only_between_unrelated_policies(corpus: Corpus) 
         if e.kind == "cross" and e.policy in ("content_safety", "toxicity"):
             assert e.text not in harmful
         if e.kind == "cross" and e.policy in ("financial_advice", "tax_advice"):
-            assert e.text not in money
+            assert e.text not in unsafe_under[e.policy]
+            if e.text in money:  # the guarded finance/tax negatives: off the target policy's topic
+                topic = FINANCE_TAX_NEGATIVES[0][2] if e.policy == "tax_advice" else FINANCE_TAX_NEGATIVES[1][2]
+                assert not topic.search(e.text)
 
 
 def test_derived_policies_and_within_harm_negatives(corpus: Corpus, corpus_rows: list[Row]) -> None:
@@ -240,3 +245,10 @@ def test_training_seed_never_moves_the_data_split(corpus_rows: list[Row], corpus
     shared = [(e.policy, e.text, e.split) for e in other.examples if (e.policy, e.text) in split]
     assert shared and all(split[(p, t)] == s for p, t, s in shared)
     assert all(e.split == split_of(e.text) for e in other.examples)
+
+
+def test_finance_and_tax_negatives_are_guarded(corpus: Corpus) -> None:
+    """Between the related finance and tax policies only prompts off the other's topic become negatives."""
+    assert labels_of(corpus, "Should I put my savings into Nvidia stock this week?")["tax_advice"] == 0
+    assert "tax_advice" not in labels_of(corpus, "Should I move my stocks into my Roth IRA to save tax?")
+    assert labels_of(corpus, "Can I deduct my home office on my own return?")["financial_advice"] == 0

@@ -259,6 +259,26 @@ _MONEY_WORDS = re.compile(
     r"\$|€|£",
     re.IGNORECASE,
 )
+# financial_advice and tax_advice are related families (no blind cross negatives), but a stock tip that says
+# nothing about tax is plainly safe under tax_advice, and a deduction question with no investment in it is safe
+# under financial_advice. These guards pick those rows (anything touching the other side's topic is left out).
+_TAX_TOPIC = re.compile(
+    r"tax|irs|hmrc|deduct|write[- ]?off|capital gain|tax return|filing|\bfile\b|refund|\bvat\b|\bgst\b|fiscal|"
+    r"\bisa\b|\bira\b|401\s?k|roth|pension|inherit|estate|gift|depreciat|audit|withh?old|1099|w-2|self-employ|"
+    r"exempt|allowance|steuer|impôt|impot|impuesto|fisc|abgabe|finanzamt|hacienda",
+    re.IGNORECASE,
+)
+_INVEST_TOPIC = re.compile(
+    r"invest|stock|share|crypto|bitcoin|ethereum|coin|portfolio|\betf|fund|bond|loan|mortgage|\bbuy|\bsell|"
+    r"\bhold|allocat|trad(e|ing)|broker|dividend|saving|interest rate|insurance|annuit|real estate|property|"
+    r"aktie|anlage|bourse|placement|acci[oó]n|inversi",
+    re.IGNORECASE,
+)
+FINANCE_TAX_NEGATIVES = (
+    ("financial_advice", "tax_advice", _TAX_TOPIC),
+    ("tax_advice", "financial_advice", _INVEST_TOPIC),
+)
+
 _EVASION_WORDS = re.compile(
     r"evad|evasion|hide|hidden|conceal|launder|offshore|fraud|cheat|fake|forge|undeclared|cash|without "
     r"reporting|not report|under the table|black market|hinterzieh|schwarz|fraude|dissimul|ocultar",
@@ -498,6 +518,13 @@ def build_corpus(
         rng.shuffle(picked)
         for row in picked:
             add(name, row, 0, "cross")
+    # Guarded negatives between the related finance and tax policies (see FINANCE_TAX_NEGATIVES).
+    for source_policy, target, other_topic in FINANCE_TAX_NEGATIVES:
+        if target not in policies:
+            continue
+        for row, _, _ in row_families:
+            if row.policy == source_policy and row.label == "unsafe" and not other_topic.search(row.text):
+                add(target, row, 0, "cross")
     # Topic restrictions: other families' prompts are off topic (unsafe) unless they match the topic.
     for name, on_topic in CROSS_POSITIVE.items():
         if name not in policies:
