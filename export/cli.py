@@ -132,7 +132,7 @@ def register(sub: Any) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.onnx import ExportError, export_checkpoint
+    from export.onnx import ExportError, Recalibration, export_checkpoint
     from export.parity import ParityError
     from training.meta import CheckpointMeta
 
@@ -153,9 +153,11 @@ def run_export(args: argparse.Namespace) -> int:
             name=args.name,
             version=args.version,
             skip_parity=args.skip_parity,
-            recalibrate=args.recalibrate,
-            target_fpr=args.target_fpr,
-            recalibrate_min_rows=args.recalibrate_min_rows,
+            recalibrate=Recalibration(
+                objective=args.recalibrate, target_fpr=args.target_fpr, min_rows=args.recalibrate_min_rows
+            )
+            if args.recalibrate
+            else None,
             isa=args.isa,
         )
     except ParityError as exc:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from export.manifest import MANIFEST_FILE, Manifest, Target, file_entry
 from export.parity import ParityReport, check, compare
@@ -387,9 +388,7 @@ def export_checkpoint(
     version: str | None = None,
     *,
     skip_parity: bool = False,
-    recalibrate: str | None = None,
-    target_fpr: float | None = None,
-    recalibrate_min_rows: int = 30,
+    recalibrate: Recalibration | None = None,
     isa: Isa | None = None,
     batch_size: int = 32,
 ) -> Manifest:
@@ -397,8 +396,8 @@ def export_checkpoint(
 
     ``val_rows`` (instruction text, query, label) feed the parity gate and the metrics recorded in
     the manifest. Without them, the gate runs on the policies' own examples from the registry.
-    With ``recalibrate`` ("f1" or "balanced", see ``calibrate_threshold``), per-policy thresholds
-    are re-fitted on the ONNX scores of the rows. Raises ``ParityError`` (nothing is written) when the gate fails.
+    With ``recalibrate`` (see ``Recalibration``), per-policy thresholds are re-fitted on the ONNX scores
+    of the rows. Raises ``ParityError`` (nothing is written) when the gate fails.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     for required in ("config.json", TOKENIZER_FILE):
@@ -443,17 +442,7 @@ def export_checkpoint(
 
         thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
         parity, metrics = _gate_and_measure(
-            checkpoint,
-            staging,
-            meta,
-            target,
-            val_rows,
-            thresholds,
-            recalibrate,
-            skip_parity,
-            batch_size,
-            target_fpr,
-            recalibrate_min_rows,
+            checkpoint, staging, meta, target, val_rows, thresholds, recalibrate, skip_parity, batch_size
         )
         metrics["rows_source"] = rows_source
         parity["rows_source"] = rows_source
@@ -495,6 +484,25 @@ def _policy_example_rows(meta: CheckpointMeta) -> list[ValRow]:
     return rows
 
 
+class Recalibration(BaseModel):
+    """How the export re-fits per-policy thresholds on the ONNX scores of the validation rows
+    (objectives: see ``training.metrics.calibrate_threshold``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    objective: Literal["f1", "balanced"] = "f1"
+    target_fpr: float | None = None  # best recall with a false-positive rate at most this
+    min_rows: int = 30  # re-fit only policies with at least this many rows of each label
+
+    def describe(self, refitted: Sequence[str]) -> str:
+        fpr = f", false-positive rate <= {self.target_fpr}" if self.target_fpr is not None else ""
+        return (
+            f"recalibrated (best {self.objective} objective{fpr}) on the ONNX scores of these rows for "
+            f"{', '.join(refitted) or 'no policy'}; the checkpoint's for policies with fewer than {self.min_rows} "
+            "rows of either label"
+        )
+
+
 def recalibrate_thresholds(
     policies: Sequence[str],
     labels: Sequence[int],
@@ -526,11 +534,9 @@ def _gate_and_measure(
     target: Target,
     val_rows: list[ValRow],
     thresholds: dict[str, float],
-    recalibrate: str | None,
+    recalibrate: Recalibration | None,
     skip_parity: bool,
     batch_size: int,
-    target_fpr: float | None = None,
-    recalibrate_min_rows: int = 30,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score the rows with ONNX (and torch unless skipped); return (parity, metrics) for the manifest.
 
@@ -563,21 +569,16 @@ def _gate_and_measure(
         engine += " (fp16 kernels on CPU, not the CUDA EP)"
     onnx_scores = _score(windows, scorer.run_batch, batch_size, f"onnx {target}")
 
-    refitted: list[str] = []
-    if recalibrate:
+    description = "checkpoint"
+    if recalibrate is not None:
+        r = recalibrate
         refitted = recalibrate_thresholds(
-            policies, labels, onnx_scores, thresholds, recalibrate, target_fpr, recalibrate_min_rows
+            policies, labels, onnx_scores, thresholds, r.objective, r.target_fpr, r.min_rows
         )
+        description = r.describe(refitted)
     metrics = measure(policies, labels, onnx_scores, thresholds)
     metrics["engine"] = engine
-    metrics["thresholds"] = (
-        f"recalibrated (best {recalibrate} objective"
-        + (f", false-positive rate <= {target_fpr}" if target_fpr is not None else "")
-        + f") on the ONNX scores of these rows for {', '.join(refitted) or 'no policy'}; the checkpoint's for "
-        f"policies with fewer than {recalibrate_min_rows} rows of either label"
-        if recalibrate
-        else "checkpoint"
-    )
+    metrics["thresholds"] = description
 
     if skip_parity:
         return {"skipped": True, "reason": "--skip-parity (debugging only)"}, metrics
