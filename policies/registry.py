@@ -11,6 +11,9 @@ from pydantic import ValidationError
 from policies.schema import Policy
 
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "default"
+# Moderation categories (hate, self-harm, sexual content, violence ...): served, not enabled by default.
+CATEGORY_POLICY_DIR = Path(__file__).resolve().parent / "categories"
+BUILTIN_POLICY_DIRS = (DEFAULT_POLICY_DIR, CATEGORY_POLICY_DIR)
 
 
 class PolicyError(ValueError):
@@ -52,10 +55,10 @@ class PolicyRegistry:
 
     @classmethod
     def load(cls, folders: Iterable[Path] = (), include_default: bool = True) -> PolicyRegistry:
-        """Load the default folder (unless excluded) and every user folder, in order."""
+        """Load the built-in folders (defaults and categories, unless excluded) and every user folder, in order."""
         sources: dict[str, Path] = {}
         policies: list[Policy] = []
-        all_folders = ([DEFAULT_POLICY_DIR] if include_default else []) + [Path(f) for f in folders]
+        all_folders = (list(BUILTIN_POLICY_DIRS) if include_default else []) + [Path(f) for f in folders]
         for folder in all_folders:
             for path in _policy_files(folder):
                 policy = load_policy_file(path)

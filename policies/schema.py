@@ -34,6 +34,11 @@ class Policy(BaseModel):
     examples: list[PolicyExample] = Field(default_factory=list, max_length=50)
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     enabled_by_default: bool = False
+    group: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="a named set of policies a request may ask for at once (e.g. 'categories')",
+    )
 
     @field_validator("allowed", "disallowed")
     @classmethod

@@ -199,7 +199,7 @@ def test_derived_policies_and_within_harm_negatives(corpus: Corpus, corpus_rows:
     labels = labels_of(corpus, suicide.text)
     assert labels["self_harm"] == 1 and labels["content_safety"] == 1
     assert labels.get("cybercrime") == 0  # an unrelated harm area: safe there
-    assert "violent_crime" not in labels  # related harm areas: no negatives
+    assert "violence" not in labels  # related harm areas: no negatives
 
 
 def test_held_out_policies_absent_from_training(corpus: Corpus) -> None:
