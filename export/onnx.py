@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -28,12 +27,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from export.manifest import MANIFEST_FILE, Manifest, Target, file_entry
-from export.parity import ParityReport, check, compare
-from policies.instruction import InstructionEncoder, encoder_from_config
+from export.parity import check, compare
+from policies.instruction import Window
 from policies.registry import PolicyRegistry
+from scoring.core import Scorer
+from scoring.onnx import EngineError, OnnxEngine
 from training.meta import CheckpointMeta
 from training.metrics import binary_metrics, calibrate_threshold, macro
-from training.predict import PairScore, pair_windows, score_windows
 
 log = logging.getLogger("uniguard.export")
 
@@ -252,53 +252,12 @@ def structure(path: Path, reference: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- scoring
 
 
-class OnnxScorer:
-    """An exported graph scored with ONNX Runtime; ``run_batch`` returns P(unsafe) per window."""
-
-    def __init__(
-        self,
-        path: Path,
-        encoder: InstructionEncoder,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
-        options: Any = None,
-    ) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.encoder = encoder
-
-    def run_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        (logits,) = self.session.run([OUTPUT_NAME], {k: inputs[k] for k in self.input_names})
-        logits = logits.astype(np.float64)
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return shifted[:, 1] / shifted.sum(axis=-1)
-
-    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[PairScore]:
-        return score_windows(pair_windows(self.encoder, pairs), self.run_batch, batch_size)
-
-
-def _with_progress(run_batch: Callable[[dict[str, np.ndarray]], np.ndarray], total: int, desc: str) -> Any:
+def score_with_progress(scorer: Scorer, windows: list[list[Window]], batch_size: int, desc: str) -> list[float]:
+    """P(unsafe) per pair (max over its windows) through the scoring core, with a progress bar."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None)
-
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        out = run_batch(inputs)
-        bar.update(1)
-        return out
-
-    run.close = bar.close  # type: ignore[attr-defined]
-    return run
-
-
-def _score(windows: list, run_batch: Any, batch_size: int, desc: str) -> list[float]:
-    total = math.ceil(sum(len(w) for w in windows) / batch_size)
-    run = _with_progress(run_batch, total, desc)
-    try:
-        return [s.score for s in score_windows(windows, run, batch_size)]
-    finally:
-        run.close()
+    with tqdm(total=sum(len(w) for w in windows), desc=desc, unit="window", leave=False, disable=None) as bar:
+        return [s.score for s in scorer.score_windows(windows, batch_size, bar.update)]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -376,7 +335,159 @@ def _versions() -> dict[str, str]:
     return out
 
 
-# --------------------------------------------------------------------------- the export
+# --------------------------------------------------------------------------- the export, in phases
+
+
+class Recalibration(BaseModel):
+    """How the export re-fits per-policy thresholds on the ONNX scores of the validation rows
+    (objectives: see ``training.metrics.calibrate_threshold``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    objective: Literal["f1", "balanced"] = "f1"
+    target_fpr: float | None = None  # best recall with a false-positive rate at most this
+    min_rows: int = 30  # re-fit only policies with at least this many rows of each label
+
+    def describe(self, refitted: Sequence[str]) -> str:
+        fpr = f", false-positive rate <= {self.target_fpr}" if self.target_fpr is not None else ""
+        return (
+            f"recalibrated (best {self.objective} objective{fpr}) on the ONNX scores of these rows for "
+            f"{', '.join(refitted) or 'no policy'}; the checkpoint's for policies with fewer than {self.min_rows} "
+            "rows of either label"
+        )
+
+
+class ExportPlan(BaseModel):
+    """Phase 1: what to export, checked before any work (checkpoint, output folder, validation rows)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    checkpoint: Path
+    out: Path
+    target: Target
+    meta: CheckpointMeta
+    rows: list[ValRow]
+    rows_source: str
+    name: str
+    version: str
+    isa: Isa | None = None
+    skip_parity: bool = False
+    recalibrate: Recalibration | None = None
+    batch_size: int = 32
+
+
+class GraphBuild(BaseModel):
+    """Phase 2: the graph in the staging folder and how it was made (``manifest.export``)."""
+
+    input_names: list[str]
+    output_name: str
+    export: dict[str, Any]
+
+
+class Evaluation(BaseModel):
+    """Phase 3: the staged model scored by the service's engine; the parity gate's and the metrics' figures."""
+
+    thresholds: dict[str, float]
+    metrics: dict[str, Any]
+    parity: dict[str, Any]
+
+
+def plan_export(
+    checkpoint: Path,
+    out: Path,
+    target: Target,
+    val_rows: list[ValRow] | None,
+    name: str | None,
+    version: str | None,
+    **options: Any,
+) -> ExportPlan:
+    checkpoint, out = Path(checkpoint), Path(out)
+    for required in ("config.json", TOKENIZER_FILE):
+        if not (checkpoint / required).is_file():
+            raise ExportError(f"{checkpoint / required}: missing; --model must be a UniGuard checkpoint folder")
+    meta = CheckpointMeta.load(checkpoint)
+    _check_out(out)
+    rows_source = "validation rows"
+    if val_rows is None:
+        val_rows, rows_source = _policy_example_rows(meta), "policy examples (no validation rows given)"
+    return ExportPlan(
+        checkpoint=checkpoint,
+        out=out,
+        target=target,
+        meta=meta,
+        rows=val_rows,
+        rows_source=rows_source,
+        name=name or meta.name,
+        version=version or datetime.now(UTC).strftime("%Y.%m.%d"),
+        **options,
+    )
+
+
+def build_graph(plan: ExportPlan, staging: Path) -> GraphBuild:
+    """Export, optimise and (per target) quantise or convert the graph into ``staging``; structural checks."""
+    target, checkpoint = plan.target, plan.checkpoint
+    with tempfile.TemporaryDirectory(prefix="uniguard-export-") as tmp:
+        work = Path(tmp)
+        log.info("exporting %s with optimum", checkpoint)
+        raw = export_raw(checkpoint, work / "raw")
+        model_path = staging / MODEL_FILE
+        log.info("optimising the graph for %s", target)
+        info: dict[str, Any] = {
+            "target": target,
+            "exporter": "optimum.exporters.onnx.main_export(task='text-classification')",
+            "dynamic_axes": {"batch": 0, "sequence": 1},
+            "versions": _versions(),
+        }
+        if target == "cpu-int8":
+            optimized = work / "optimized.onnx"
+            info["optimization"] = optimize(raw, optimized, checkpoint, gpu=False)
+            chosen = plan.isa or detect_isa()
+            log.info("quantising to int8 for %s", chosen)
+            info["quantization"] = quantize(optimized, model_path, chosen)
+        else:
+            info["optimization"] = optimize(raw, model_path, checkpoint, gpu=target == "cuda-fp16")
+        shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        info["structure"] = struct = structure(model_path, raw)
+    if target == "cuda-fp16" and struct["fp16_share"] < MIN_FP16_SHARE:
+        raise ExportError(f"{model_path}: only {struct['fp16_share']:.0%} of the float weights are fp16")
+    if struct["output_types"] != ["FLOAT"]:
+        raise ExportError(f"{model_path}: logits must be float32, got {struct['output_types']}")
+    info["opset"] = struct["opset"]
+    info["skip_parity"] = plan.skip_parity
+    input_names, output_names = graph_io(model_path)
+    return GraphBuild(input_names=input_names, output_name=output_names[0], export=info)
+
+
+def stage_manifest(plan: ExportPlan, build: GraphBuild, staging: Path, evaluation: Evaluation | None) -> Manifest:
+    """Write the staging folder's manifest: provisional (no figures yet) so the service's engine can load the folder
+    for the gate, then final with the gate's figures."""
+    meta = plan.meta
+    thresholds = (
+        evaluation.thresholds
+        if evaluation
+        else {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
+    )
+    names = {p.name for p in meta.policies}
+    manifest = Manifest(
+        name=plan.name,
+        version=plan.version,
+        base_model=meta.base_model,
+        target=plan.target,
+        recipe=meta.recipe,
+        policies=meta.policies,
+        encoding=meta.encoding,
+        thresholds={k: v for k, v in thresholds.items() if k in names},
+        default_threshold=meta.default_threshold,
+        input_names=build.input_names,
+        output_name=build.output_name,
+        files={"model": file_entry(staging, MODEL_FILE), "tokenizer": file_entry(staging, TOKENIZER_FILE)},
+        data_sources=meta.data_sources,
+        metrics=evaluation.metrics if evaluation else {},
+        parity=evaluation.parity if evaluation else {},
+        export=build.export,
+    )
+    manifest.save(staging)
+    return manifest
 
 
 def export_checkpoint(
@@ -399,79 +510,30 @@ def export_checkpoint(
     With ``recalibrate`` (see ``Recalibration``), per-policy thresholds are re-fitted on the ONNX scores
     of the rows. Raises ``ParityError`` (nothing is written) when the gate fails.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
-    for required in ("config.json", TOKENIZER_FILE):
-        if not (checkpoint / required).is_file():
-            raise ExportError(f"{checkpoint / required}: missing; --model must be a UniGuard checkpoint folder")
-    meta = CheckpointMeta.load(checkpoint)
-    _check_out(out)
-    rows_source = "validation rows"
-    if val_rows is None:
-        val_rows, rows_source = _policy_example_rows(meta), "policy examples (no validation rows given)"
-
-    staging = _staging_dir(out)
+    plan = plan_export(
+        checkpoint,
+        out,
+        target,
+        val_rows,
+        name,
+        version,
+        isa=isa,
+        skip_parity=skip_parity,
+        recalibrate=recalibrate,
+        batch_size=batch_size,
+    )
+    staging = _staging_dir(plan.out)
     try:
-        with tempfile.TemporaryDirectory(prefix="uniguard-export-") as tmp:
-            work = Path(tmp)
-            log.info("exporting %s with optimum", checkpoint)
-            raw = export_raw(checkpoint, work / "raw")
-            model_path = staging / MODEL_FILE
-            log.info("optimising the graph for %s", target)
-            export_info: dict[str, Any] = {
-                "target": target,
-                "exporter": "optimum.exporters.onnx.main_export(task='text-classification')",
-                "dynamic_axes": {"batch": 0, "sequence": 1},
-                "versions": _versions(),
-            }
-            if target == "cpu-int8":
-                optimized = work / "optimized.onnx"
-                export_info["optimization"] = optimize(raw, optimized, checkpoint, gpu=False)
-                chosen = isa or detect_isa()
-                log.info("quantising to int8 for %s", chosen)
-                export_info["quantization"] = quantize(optimized, model_path, chosen)
-            else:
-                export_info["optimization"] = optimize(raw, model_path, checkpoint, gpu=target == "cuda-fp16")
-            shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
-            export_info["structure"] = struct = structure(model_path, raw)
-            if target == "cuda-fp16" and struct["fp16_share"] < MIN_FP16_SHARE:
-                raise ExportError(f"{model_path}: only {struct['fp16_share']:.0%} of the float weights are fp16")
-            if struct["output_types"] != ["FLOAT"]:
-                raise ExportError(f"{model_path}: logits must be float32, got {struct['output_types']}")
-            export_info["opset"] = struct["opset"]
-            export_info["skip_parity"] = skip_parity
-
-        thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
-        parity, metrics = _gate_and_measure(
-            checkpoint, staging, meta, target, val_rows, thresholds, recalibrate, skip_parity, batch_size
-        )
-        metrics["rows_source"] = rows_source
-        parity["rows_source"] = rows_source
-        input_names, output_names = graph_io(model_path)
-        manifest = Manifest(
-            name=name or meta.name,
-            version=version or datetime.now(UTC).strftime("%Y.%m.%d"),
-            base_model=meta.base_model,
-            target=target,
-            recipe=meta.recipe,
-            policies=meta.policies,
-            encoding=meta.encoding,
-            thresholds={k: v for k, v in thresholds.items() if k in {p.name for p in meta.policies}},
-            default_threshold=meta.default_threshold,
-            input_names=input_names,
-            output_name=output_names[0],
-            files={"model": file_entry(staging, MODEL_FILE), "tokenizer": file_entry(staging, TOKENIZER_FILE)},
-            data_sources=meta.data_sources,
-            metrics=metrics,
-            parity=parity,
-            export=export_info,
-        )
-        manifest.save(staging)
+        build = build_graph(plan, staging)
+        stage_manifest(plan, build, staging, None)
+        evaluation = gate_and_measure(plan, staging)
+        manifest = stage_manifest(plan, build, staging, evaluation)
         staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
-        _move_into_place(staging, out)
+        _move_into_place(staging, plan.out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s (%.1f MB)", out, (out / MODEL_FILE).stat().st_size / 1e6)
+    log.info("wrote %s (%.1f MB)", plan.out, (plan.out / MODEL_FILE).stat().st_size / 1e6)
     return manifest
 
 
@@ -482,25 +544,6 @@ def _policy_example_rows(meta: CheckpointMeta) -> list[ValRow]:
         if ref.name in registry:
             rows += [(ref.instruction_text, ex.text, int(ex.label == "unsafe")) for ex in registry[ref.name].examples]
     return rows
-
-
-class Recalibration(BaseModel):
-    """How the export re-fits per-policy thresholds on the ONNX scores of the validation rows
-    (objectives: see ``training.metrics.calibrate_threshold``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    objective: Literal["f1", "balanced"] = "f1"
-    target_fpr: float | None = None  # best recall with a false-positive rate at most this
-    min_rows: int = 30  # re-fit only policies with at least this many rows of each label
-
-    def describe(self, refitted: Sequence[str]) -> str:
-        fpr = f", false-positive rate <= {self.target_fpr}" if self.target_fpr is not None else ""
-        return (
-            f"recalibrated (best {self.objective} objective{fpr}) on the ONNX scores of these rows for "
-            f"{', '.join(refitted) or 'no policy'}; the checkpoint's for policies with fewer than {self.min_rows} "
-            "rows of either label"
-        )
 
 
 def recalibrate_thresholds(
@@ -527,68 +570,65 @@ def recalibrate_thresholds(
     return refitted
 
 
-def _gate_and_measure(
-    checkpoint: Path,
-    staging: Path,
-    meta: CheckpointMeta,
-    target: Target,
-    val_rows: list[ValRow],
-    thresholds: dict[str, float],
-    recalibrate: Recalibration | None,
-    skip_parity: bool,
-    batch_size: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Score the rows with ONNX (and torch unless skipped); return (parity, metrics) for the manifest.
-
-    ``thresholds`` is updated in place when ``recalibrate`` is set.
-    """
-    from tokenizers import Tokenizer
-
-    if not val_rows:
-        if skip_parity:
-            return {"skipped": True, "reason": "--skip-parity and no validation rows"}, {}
+def gate_and_measure(plan: ExportPlan, staging: Path) -> Evaluation:
+    """Score the rows with the staged model through the service's engine (and with the torch checkpoint through
+    the same scoring core, on the same windows, unless parity is skipped): metrics, thresholds and the gate."""
+    meta, target = plan.meta, plan.target
+    thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
+    if not plan.rows:
+        if plan.skip_parity:
+            return Evaluation(
+                thresholds=thresholds,
+                metrics={},
+                parity=_skipped("--skip-parity and no validation rows", plan.rows_source),
+            )
         raise ExportError("no validation rows and no policy examples: pass --val FILE_OR_DIR (or --skip-parity)")
-    instructions = [r[0] for r in val_rows]
-    queries = [r[1] for r in val_rows]
-    labels = [int(r[2]) for r in val_rows]
+    instructions = [r[0] for r in plan.rows]
+    queries = [r[1] for r in plan.rows]
+    labels = [int(r[2]) for r in plan.rows]
     policies = policy_names(meta, instructions)
     for p in set(policies):
         thresholds.setdefault(p, meta.default_threshold)
 
-    encoder = encoder_from_config(Tokenizer.from_file(str(staging / TOKENIZER_FILE)), meta.encoding)
-    windows = pair_windows(encoder, list(zip(instructions, queries, strict=True)))
     try:
-        scorer = OnnxScorer(staging / MODEL_FILE, encoder)
-    except Exception as exc:  # fp16 graphs may lack CPU kernels; they are then checked on a GPU (docs)
+        engine = OnnxEngine(staging)
+    except EngineError as exc:  # fp16 graphs may lack CPU kernels; they are then checked on a GPU (docs)
         if target != "cuda-fp16":
             raise
         reason = f"does not run on the CPU execution provider here ({exc}); verify on a GPU (docs/EXPORT.md)"
-        return {"skipped": True, "reason": reason}, {"note": reason}
-    engine = "onnxruntime CPUExecutionProvider"
+        return Evaluation(thresholds=thresholds, metrics={"note": reason}, parity=_skipped(reason, plan.rows_source))
+    windows = engine.pair_windows(list(zip(instructions, queries, strict=True)))
+    engine_name = "onnxruntime CPUExecutionProvider"
     if target == "cuda-fp16":
-        engine += " (fp16 kernels on CPU, not the CUDA EP)"
-    onnx_scores = _score(windows, scorer.run_batch, batch_size, f"onnx {target}")
+        engine_name += " (fp16 kernels on CPU, not the CUDA EP)"
+    onnx_scores = score_with_progress(engine, windows, plan.batch_size, f"onnx {target}")
 
     description = "checkpoint"
-    if recalibrate is not None:
-        r = recalibrate
+    if plan.recalibrate is not None:
+        r = plan.recalibrate
         refitted = recalibrate_thresholds(
             policies, labels, onnx_scores, thresholds, r.objective, r.target_fpr, r.min_rows
         )
         description = r.describe(refitted)
     metrics = measure(policies, labels, onnx_scores, thresholds)
-    metrics["engine"] = engine
-    metrics["thresholds"] = description
+    metrics.update(engine=engine_name, thresholds=description, rows_source=plan.rows_source)
 
-    if skip_parity:
-        return {"skipped": True, "reason": "--skip-parity (debugging only)"}, metrics
-    from training.predict import TorchScorer
+    if plan.skip_parity:
+        return Evaluation(
+            thresholds=thresholds, metrics=metrics, parity=_skipped("--skip-parity (debugging only)", plan.rows_source)
+        )
+    from training.predict import load_checkpoint
 
-    log.info("parity gate: scoring %d rows with torch", len(val_rows))
-    torch_scores = _score(windows, TorchScorer.load(checkpoint).run_batch, batch_size, "torch")
-    report: ParityReport = compare(target, policies, queries, labels, torch_scores, onnx_scores, thresholds)
+    log.info("parity gate: scoring %d rows with torch", len(plan.rows))
+    torch_scorer, _ = load_checkpoint(plan.checkpoint)
+    torch_scores = score_with_progress(torch_scorer, windows, plan.batch_size, "torch")
+    report = compare(target, policies, queries, labels, torch_scores, onnx_scores, thresholds)
     log.info("%s", report.format())
     check(report)
     parity = report.model_dump(exclude={"worst"})
-    parity["engine"] = engine
-    return parity, metrics
+    parity.update(engine=engine_name, rows_source=plan.rows_source)
+    return Evaluation(thresholds=thresholds, metrics=metrics, parity=parity)
+
+
+def _skipped(reason: str, rows_source: str) -> dict[str, Any]:
+    return {"skipped": True, "reason": reason, "rows_source": rows_source}

@@ -147,6 +147,19 @@ def _pair_template(tokenizer: TokenizerLike) -> _PairTemplate:
     raise ValueError("cannot read the pair template off this tokenizer's post-processor")
 
 
+def pad_id_of(tokenizer: TokenizerLike) -> int:
+    """The tokenizer's pad id: its padding setting, else its ``[PAD]``/``<pad>`` token, else 0."""
+    padding = getattr(tokenizer, "padding", None)
+    if isinstance(padding, dict) and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    token_to_id = getattr(tokenizer, "token_to_id", None)
+    for token in ("[PAD]", "<pad>"):
+        found = token_to_id(token) if token_to_id is not None else None
+        if found is not None:
+            return int(found)
+    return 0
+
+
 class InstructionEncoder:
     """Builds model inputs for (policy text, query) pairs with the tokenizer's pair template."""
 
@@ -158,6 +171,7 @@ class InstructionEncoder:
         min_policy_tokens: int = DEFAULT_MIN_POLICY_TOKENS,
         window_overlap: int = DEFAULT_WINDOW_OVERLAP,
     ) -> None:
+        self.pad_id = pad_id_of(tokenizer)
         # Padding and truncation are ours to do: a tokenizer.json may carry its own settings.
         for method in ("no_padding", "no_truncation"):
             if hasattr(tokenizer, method):

@@ -11,8 +11,9 @@ import pytest
 
 from export.manifest import MANIFEST_FILE, Manifest, ManifestError
 from export.model_card import write_model_card
-from export.onnx import MODEL_FILE, TOKENIZER_FILE, OnnxScorer, detect_isa, export_checkpoint
+from export.onnx import MODEL_FILE, TOKENIZER_FILE, detect_isa, export_checkpoint
 from export.parity import ParityError, compare
+from scoring.onnx import OnnxBackend, OnnxEngine
 from training.meta import CheckpointMeta
 
 UNSAFE_WORDS = ["bomb", "poison", "malware", "weapon", "ransomware", "explosive", "nerve gas", "stolen cards"]
@@ -53,7 +54,7 @@ def decisive_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     from transformers import BertForSequenceClassification
 
     from policies.instruction import encoder_from_config
-    from training.predict import pad_windows, pair_windows
+    from scoring.core import pad_windows, pair_windows
 
     out = tmp_path_factory.mktemp("decisive") / "ckpt"
     shutil.copytree(tiny_checkpoint, out)
@@ -73,7 +74,7 @@ def decisive_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     running = 0.7
     for _step in range(250):  # leaves the 0.693 plateau after ~80 steps, fits by ~110
         idx = generator.choice(len(rows), size=32, replace=False)
-        batch = {k: torch.from_numpy(v) for k, v in pad_windows([windows[i] for i in idx]).items()}
+        batch = {k: torch.from_numpy(v) for k, v in pad_windows([windows[i] for i in idx], encoder.pad_id).items()}
         loss = model(**batch, labels=labels[idx]).loss
         optimizer.zero_grad()
         loss.backward()
@@ -124,9 +125,10 @@ def fp32_cli_export(decisive_checkpoint: Path, val_rows: list, tmp_path_factory:
 
 
 def test_decisive_checkpoint_is_decisive(decisive_checkpoint: Path, val_rows: list) -> None:
-    from training.predict import TorchScorer
+    from training.predict import load_checkpoint
 
-    scores = np.array([s.score for s in TorchScorer.load(decisive_checkpoint).score_pairs([r[:2] for r in val_rows])])
+    scorer, _ = load_checkpoint(decisive_checkpoint)
+    scores = np.array([s.score for s in scorer.score_pairs([r[:2] for r in val_rows])])
     labels = np.array([r[2] for r in val_rows])
     assert np.mean(np.abs(scores - 0.5) > 0.1) > 0.9  # scores left the threshold's neighbourhood
     assert np.mean((scores >= 0.5) == labels) > 0.9  # and they mean something
@@ -168,18 +170,13 @@ def test_int8_export_parity_and_size(int8_export: Path, fp32_cli_export: Path) -
     assert (int8_export / MODEL_FILE).stat().st_size < 0.35 * fp32_size  # the embeddings are quantised too
 
 
-def test_onnx_scorer_matches_torch(fp32_cli_export: Path, decisive_checkpoint: Path, val_rows: list) -> None:
-    from tokenizers import Tokenizer
+def test_onnx_engine_matches_torch(fp32_cli_export: Path, decisive_checkpoint: Path, val_rows: list) -> None:
+    from training.predict import load_checkpoint
 
-    from policies.instruction import encoder_from_config
-    from training.predict import TorchScorer
-
-    manifest = Manifest.load(fp32_cli_export)
-    encoder = encoder_from_config(Tokenizer.from_file(str(fp32_cli_export / TOKENIZER_FILE)), manifest.encoding)
     long_query = "Tell me about a garden. " * 60  # several windows
     pairs = [r[:2] for r in val_rows[:20]] + [(val_rows[0][0], long_query)]
-    onnx_scores = OnnxScorer(fp32_cli_export / MODEL_FILE, encoder).score_pairs(pairs, batch_size=7)
-    torch_scores = TorchScorer.load(decisive_checkpoint).score_pairs(pairs)
+    onnx_scores = OnnxEngine(fp32_cli_export).score_pairs(pairs, batch_size=7)
+    torch_scores = load_checkpoint(decisive_checkpoint)[0].score_pairs(pairs)
     assert np.allclose([s.score for s in onnx_scores], [s.score for s in torch_scores], atol=1e-4)
     assert onnx_scores[-1].char_end - onnx_scores[-1].char_start < len(long_query)
 
@@ -187,14 +184,14 @@ def test_onnx_scorer_matches_torch(fp32_cli_export: Path, decisive_checkpoint: P
 def test_parity_gate_failure_writes_nothing(
     decisive_checkpoint: Path, val_rows: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = OnnxScorer.run_batch
+    original = OnnxBackend.infer
 
-    def disagreeing(self: OnnxScorer, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        probs = original(self, inputs)
+    def disagreeing(self: OnnxBackend, windows: list) -> np.ndarray:
+        probs = original(self, windows)
         probs[::4] = 1.0 - probs[::4]  # a quarter of the windows flip
         return probs
 
-    monkeypatch.setattr(OnnxScorer, "run_batch", disagreeing)
+    monkeypatch.setattr(OnnxBackend, "infer", disagreeing)
     out = tmp_path / "models" / "bad"
     with pytest.raises(ParityError) as info:
         export_checkpoint(decisive_checkpoint, out, "cpu-int8", val_rows=val_rows)
@@ -229,7 +226,7 @@ def test_parity_gate_failure_writes_nothing(
 def test_skip_parity_is_recorded(
     decisive_checkpoint: Path, val_rows: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(OnnxScorer, "run_batch", lambda self, inputs: np.ones(len(inputs["input_ids"])))
+    monkeypatch.setattr(OnnxBackend, "infer", lambda self, windows: np.ones(len(windows)))
     manifest = export_checkpoint(decisive_checkpoint, tmp_path / "m", "cpu-fp32", val_rows=val_rows, skip_parity=True)
     assert manifest.parity["skipped"] is True and "--skip-parity" in manifest.parity["reason"]
     assert manifest.export["skip_parity"] is True

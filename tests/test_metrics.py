@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import auroc, binary_metrics, calibrate_threshold, macro
+from training.metrics import auroc, binary_metrics, calibrate_threshold, f1_at, macro
 
 SCORES = [0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1]
 LABELS = [1, 1, 0, 1, 0, 1, 0, 0]
@@ -91,3 +91,36 @@ def test_calibrate_balanced_weighs_false_positives_like_misses() -> None:
     assert binary_metrics(scores, labels, balanced_t).fpr == 0.0
     with pytest.raises(ValueError, match="objective"):
         calibrate_threshold(scores, labels, objective="accuracy")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_calibration_is_the_best_candidate_by_brute_force(seed: int) -> None:
+    """The vectorised calibrator picks what an exhaustive search over the same candidates picks (exact
+    fractions: float noise must not break ties), for every objective."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 50)
+    scores = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2)  # rounding makes ties
+    uniq = np.unique(scores)
+    candidates = np.unique(np.clip(np.concatenate([[0.5], (uniq[:-1] + uniq[1:]) / 2]), 0.05, 0.95))
+
+    def counts(t: float) -> tuple[int, int, int, int]:
+        pred = scores >= t
+        y = labels == 1
+        return int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum()), int((~pred & ~y).sum())
+
+    def f1(a: int, b: int, c: int) -> Fraction:
+        return Fraction(2 * a, 2 * a + b + c) if 2 * a + b + c else Fraction(0)
+
+    objectives = {
+        "f1": lambda tp, fp, fn, tn: (f1(tp, fp, fn),),
+        "balanced": lambda tp, fp, fn, tn: ((f1(tp, fp, fn) + f1(tn, fn, fp)) / 2,),
+        "fpr": lambda tp, fp, fn, tn: (Fraction(tp, tp + fn), -Fraction(fp, fp + tn)),
+    }
+    for name, key in objectives.items():
+        allowed = [t for t in candidates if name != "fpr" or Fraction(counts(t)[1], int((labels == 0).sum())) <= 0.2]
+        best = max(allowed, key=lambda t: (*key(*counts(t)), -Fraction(abs(t - 0.5)), -t))
+        kwargs = {"target_fpr": 0.2} if name == "fpr" else {"objective": name}
+        assert calibrate_threshold(scores, labels, **kwargs) == pytest.approx(best), name
+        assert f1_at(scores, labels, best) == pytest.approx(binary_metrics(scores, labels, best).f1)

