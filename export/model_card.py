@@ -74,8 +74,9 @@ def render_model_card(folder: Path, manifest: Manifest, extra: dict[str, Any] | 
         )
     if m.recipe.get("selected") == "best_candidate":
         lines.append(
-            f"- Recipe: the merge search's best single candidate `{m.recipe.get('anchor')}`, unchanged (no merge beat "
-            "it on the held-out validation pairs; the search is in manifest.json under recipe)"
+            f"- Recipe: the merge search's best single candidate `{m.recipe.get('candidate')}`, unchanged (no merge "
+            "beat it on the held-out validation pairs; the search and its best merge are in manifest.json under "
+            "recipe.merge_search)"
         )
     elif m.recipe:
         recipe = ", ".join(f"{k}={v}" for k, v in m.recipe.items() if not isinstance(v, dict | list))

@@ -11,8 +11,11 @@ search and the held-out split, beside ``trials.json``, ``report.json`` and ``sea
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,8 +99,7 @@ class CandidateScore(BaseModel):
     holdout_f1: dict[str, float] = Field(default_factory=dict)
 
 
-def _log(msg: str) -> None:
-    print(f"[merge] {msg}", flush=True)
+log = logging.getLogger("uniguard.merge")
 
 
 class Workspace:
@@ -150,7 +152,7 @@ def policy_refs(candidates: Sequence[Candidate], anchor: Candidate | None = None
     for c in ([anchor] if anchor else []) + list(candidates):
         for ref in c.meta.policies:
             if ref.name in refs and refs[ref.name].content_hash != ref.content_hash:
-                _log(f"policy {ref.name}: {c.folder} read a different text; using {refs[ref.name].content_hash}")
+                log.info(f"policy {ref.name}: {c.folder} read a different text; using {refs[ref.name].content_hash}")
             refs.setdefault(ref.name, ref)
     return refs
 
@@ -159,7 +161,7 @@ def load_data(settings: DataSettings, policies: Sequence[str]) -> tuple[list[Row
     rows = load_val_rows(settings.val, settings.split, settings.cap_per_source, settings.data_seed)
     unknown = sorted({r.policy for r in rows} - set(policies))
     if unknown:
-        _log(f"ignoring validation rows of policies no candidate covers: {unknown}")
+        log.info(f"ignoring validation rows of policies no candidate covers: {unknown}")
     rows = [r for r in rows if r.policy in policies]
     if not rows:
         raise MergeError(f"no validation rows for the candidates' policies {sorted(policies)}")
@@ -209,7 +211,7 @@ def _encoder(anchor: Candidate, members: Sequence[Candidate]) -> Any:
 
     for m in members:
         if m.meta.encoding != anchor.meta.encoding:
-            _log(f"warning: {m.folder} was built with encoding {m.meta.encoding}; evaluating with the anchor's")
+            log.info(f"warning: {m.folder} was built with encoding {m.meta.encoding}; evaluating with the anchor's")
     tokenizer = Tokenizer.from_file(str(anchor.folder / "tokenizer.json"))
     return encoder_from_config(tokenizer, anchor.meta.encoding)
 
@@ -242,13 +244,57 @@ def select_top_k(scores: dict[str, CandidateScore], policies: Sequence[str], k: 
     return chosen
 
 
-def run_search(settings: SearchSettings) -> dict[str, Any]:
-    """The model merging search; returns the report (also written to ``out/report.json``)."""
-    from tqdm import tqdm
+@dataclass
+class SearchContext:
+    """Phase 1: the candidates in one workspace and the search/held-out objectives (pairs tokenized once)."""
 
-    from merging.plots import plot_search
+    settings: SearchSettings
+    candidates: list[Candidate]
+    ws: Workspace
+    search: Objective
+    holdout: Objective | None
 
-    t_start = time.perf_counter()
+    @property
+    def by_folder(self) -> dict[str, Candidate]:
+        return {str(c.folder): c for c in self.candidates}
+
+
+class Members(BaseModel):
+    """Phase 2: every candidate's scores, the top-k members of the merge and the anchor (best single candidate)."""
+
+    scores: dict[str, CandidateScore]
+    chosen: list[str]
+    anchor: str
+
+    @property
+    def best_single(self) -> float:
+        return self.scores[self.anchor].macro_f1
+
+
+class Trials(BaseModel):
+    """Phase 3: each method's default merge and every strategy's trials."""
+
+    defaults: list[Trial]
+    trials: list[Trial]
+
+    @property
+    def winner(self) -> Trial:
+        return max(self.defaults + self.trials, key=lambda t: t.macro_f1)
+
+
+class Selection(BaseModel):
+    """Phase 4: the best merge judged on the held-out split against the anchor; what the stage ships."""
+
+    winner: Trial
+    winner_holdout: EvalResult | None
+    merge_wins: bool
+
+    @property
+    def selected(self) -> str:
+        return "merge" if self.merge_wins else "best_candidate"
+
+
+def prepare(settings: SearchSettings) -> SearchContext:
     for s in settings.strategies:
         make_strategy(s, SearchSpace(1))  # validate names before the slow part
     candidates = load_candidates(settings.candidates)
@@ -256,55 +302,73 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
     ws = Workspace(candidates, settings.base, settings.threads, need_base)
     refs = policy_refs(candidates)
     search_rows, holdout_rows = load_data(settings.data, list(refs))
-    anchor0 = candidates[0]
-    encoder = _encoder(anchor0, candidates)
+    encoder = _encoder(candidates[0], candidates)
     texts = {p: r.instruction_text for p, r in refs.items()}
     t0 = time.perf_counter()
-    search = Objective(ws.model, encoder, search_rows, texts, settings.batch_size, settings.precision)
-    holdout = (
-        Objective(ws.model, encoder, holdout_rows, texts, settings.batch_size, settings.precision)
-        if holdout_rows
-        else None
-    )
-    _log(
-        f"{len(search)} search pairs ({search.n_windows} windows, {search.n_tokens} tokens) and "
-        f"{len(holdout) if holdout else 0} held-out pairs over {search.policies}, tokenized in "
-        f"{time.perf_counter() - t0:.1f}s"
-    )
 
-    # 1. Candidates: score on the search split, keep the top-k, pick the anchor.
-    scores: dict[str, CandidateScore] = {}
-    for c in tqdm(candidates, desc="candidates", unit="model"):
-        scores[str(c.folder)] = _score_candidate(ws, c, search)
-    by_folder = {str(c.folder): c for c in candidates}
-    chosen = select_top_k(scores, search.policies, settings.top_k)
+    def objective(rows: list[Row]) -> Objective:
+        return Objective(ws.model, encoder, rows, texts, settings.batch_size, settings.precision)
+
+    search = objective(search_rows)
+    holdout = objective(holdout_rows) if holdout_rows else None
+    log.info(
+        "%d search pairs (%d windows, %d tokens) and %d held-out pairs over %s, tokenized in %.1fs",
+        len(search),
+        search.n_windows,
+        search.n_tokens,
+        len(holdout) if holdout else 0,
+        search.policies,
+        time.perf_counter() - t0,
+    )
+    return SearchContext(settings, candidates, ws, search, holdout)
+
+
+def choose_members(ctx: SearchContext) -> Members:
+    """Score every candidate on the search split; keep the top-k; the anchor is the best of them (or --anchor)."""
+    from tqdm import tqdm
+
+    settings = ctx.settings
+    scores = {str(c.folder): _score_candidate(ctx.ws, c, ctx.search) for c in tqdm(ctx.candidates, desc="candidates")}
+    chosen = select_top_k(scores, ctx.search.policies, settings.top_k)
     if settings.anchor is not None:
-        if str(settings.anchor) not in by_folder:
+        if str(settings.anchor) not in scores:
             raise MergeError(f"--anchor {settings.anchor} is not one of the candidates")
         if str(settings.anchor) not in chosen:
             chosen.append(str(settings.anchor))
-        anchor = by_folder[str(settings.anchor)]
+        anchor = str(settings.anchor)
     else:
-        anchor = by_folder[max(chosen, key=lambda f: (scores[f].macro_f1, -chosen.index(f)))]
-    members = [by_folder[f] for f in chosen]
-    best_single = scores[str(anchor.folder)].macro_f1
-    _log(f"members: {[m.name for m in members]}; anchor {anchor.name} (search macro-F1 {best_single:.4f})")
+        anchor = max(chosen, key=lambda f: (scores[f].macro_f1, -chosen.index(f)))
+    members = Members(scores=scores, chosen=chosen, anchor=anchor)
+    log.info(
+        "members: %s; anchor %s (search macro-F1 %.4f)",
+        [Path(f).name for f in chosen],
+        Path(anchor).name,
+        members.best_single,
+    )
+    return members
 
-    # 2. Default merges (uniform weights, default hyper-parameters, all parameters) and the search.
-    space = SearchSpace(len(members), tuple(settings.methods), tuple(settings.subsets), seed=settings.seed)
-    cache: dict[str, EvalResult] = {}
 
-    def evaluate(config: Config) -> tuple[EvalResult, bool]:
-        key = config.key()
-        if key in cache:
-            return cache[key], True
-        ws.load(ws.merge(members, anchor, config))
-        cache[key] = search.evaluate()
-        return cache[key], False
+class MergeEvaluator:
+    """Merges the members with a config and scores the result; identical configs are evaluated once per split."""
 
-    def trial(strategy: str, iteration: int, config: Config) -> Trial:
+    def __init__(self, ctx: SearchContext, members: Members) -> None:
+        self.ctx = ctx
+        self.members = [ctx.by_folder[f] for f in members.chosen]
+        self.anchor = ctx.by_folder[members.anchor]
+        self._search: dict[str, EvalResult] = {}
+        self._holdout: dict[str, EvalResult] = {}
+
+    def load(self, config: Config) -> None:
+        self.ctx.ws.load(self.ctx.ws.merge(self.members, self.anchor, config))
+
+    def trial(self, strategy: str, iteration: int, config: Config) -> Trial:
         t = time.perf_counter()
-        res, cached = evaluate(config)
+        key = config.key()
+        cached = key in self._search
+        if not cached:
+            self.load(config)
+            self._search[key] = self.ctx.search.evaluate()
+        res = self._search[key]
         return Trial(
             strategy=strategy,
             iteration=iteration,
@@ -316,171 +380,245 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
             cached=cached,
         )
 
-    uniform = [1.0 / len(members)] * len(members)
+    def held_out(self, t: Trial) -> EvalResult:
+        """The trial's merge on the held-out split at its search-split thresholds."""
+        assert self.ctx.holdout is not None
+        key = t.config.key()
+        if key not in self._holdout:
+            self.load(t.config)
+            self._holdout[key] = self.ctx.holdout.evaluate(t.thresholds)
+        return self._holdout[key]
+
+
+def run_trials(ctx: SearchContext, members: Members, evaluator: MergeEvaluator) -> Trials:
+    """Each method's default merge (uniform weights, default hyper-parameters, all parameters), then the strategies."""
+    from tqdm import tqdm
+
+    settings = ctx.settings
+    n = len(members.chosen)
+    uniform = [1.0 / n] * n
     defaults = [
-        trial("default", 0, Config(weights=uniform, method=m, subset="all", params=MergeParams(seed=settings.seed)))
+        evaluator.trial("default", 0, Config(weights=uniform, method=m, params=MergeParams(seed=settings.seed)))
         for m in settings.methods
     ]
+    space = SearchSpace(n, tuple(settings.methods), tuple(settings.subsets), seed=settings.seed)
+    history = [members.scores[f].macro_f1 for f in members.chosen]
     trials: list[Trial] = []
-    history = [scores[f].macro_f1 for f in chosen]
     for si, name in enumerate(settings.strategies):
         strategy = make_strategy(name, space, settings.seed + si, history)
         bar = tqdm(range(1, settings.iterations + 1), desc=f"search[{name}]", unit="it")
         best = 0.0
         for i in bar:
             config = strategy.propose()
-            tr = trial(name, i, config)
+            tr = evaluator.trial(name, i, config)
             strategy.update(config, tr.macro_f1)
             trials.append(tr)
             best = max(best, tr.macro_f1)
             bar.set_postfix(best=f"{best:.4f}", last=f"{tr.macro_f1:.4f}", method=config.method)
+    return Trials(defaults=defaults, trials=trials)
 
-    # 3. The winner, judged again on the held-out split with thresholds calibrated on the search split.
-    winner = max(defaults + trials, key=lambda t: t.macro_f1)
-    holdout_cache: dict[str, EvalResult] = {}
 
-    def held_out(t: Trial) -> EvalResult:
-        """The trial's merge on the held-out split at its search-split thresholds."""
-        assert holdout is not None
-        key = t.config.key()
-        if key not in holdout_cache:
-            ws.load(ws.merge(members, anchor, t.config))
-            holdout_cache[key] = holdout.evaluate(t.thresholds)
-        return holdout_cache[key]
+def held_out_score(ctx: SearchContext, members: Members, folder: str) -> None:
+    """A candidate on the held-out split at its search-split thresholds (recorded in ``members.scores``)."""
+    score = members.scores[folder]
+    if ctx.holdout is None or score.holdout_macro_f1 is not None:
+        return
+    ctx.ws.load(ctx.by_folder[folder].state)
+    res = ctx.holdout.evaluate(score.thresholds)
+    score.holdout_macro_f1 = res.macro_f1
+    score.holdout_f1 = {p: s.f1 for p, s in res.policies.items()}
 
-    win_holdout = held_out(winner) if holdout else None
-    anchor_key = str(anchor.folder)
-    if holdout is not None:
-        ws.load(anchor.state)
-        res = holdout.evaluate(scores[anchor_key].thresholds)
-        scores[anchor_key].holdout_macro_f1 = res.macro_f1
-        scores[anchor_key].holdout_f1 = {p: s.f1 for p, s in res.policies.items()}
-    # 3b. Ship the merge only if it beats the best single candidate where neither was chosen: on the held-out
-    #     split (on the search split when there is none). Otherwise the stage passes the best candidate through.
+
+def decide(ctx: SearchContext, members: Members, trials: Trials, evaluator: MergeEvaluator) -> Selection:
+    """Ship the merge only if it beats the best single candidate where neither was chosen: on the held-out split
+    (on the search split when there is none). Otherwise the stage passes the best candidate through."""
+    winner = trials.winner
+    win_holdout = evaluator.held_out(winner) if ctx.holdout else None
+    held_out_score(ctx, members, members.anchor)
     if win_holdout is not None:
-        merge_wins = win_holdout.macro_f1 > (scores[anchor_key].holdout_macro_f1 or 0.0)
+        merge_wins = win_holdout.macro_f1 > (members.scores[members.anchor].holdout_macro_f1 or 0.0)
     else:
-        merge_wins = winner.macro_f1 > best_single
-    if merge_wins:
-        ws.load(ws.merge(members, anchor, winner.config))
-    else:
-        ws.load(anchor.state)
-        _log(
-            f"the best merge does not beat the best single candidate {anchor.name} on the "
-            f"{'held-out' if win_holdout else 'search'} split: passing {anchor.name} through unchanged"
+        merge_wins = winner.macro_f1 > members.best_single
+    if not merge_wins:
+        log.info(
+            "the best merge does not beat the best single candidate %s on the %s split: passing it through unchanged",
+            Path(members.anchor).name,
+            "held-out" if win_holdout else "search",
         )
+    return Selection(winner=winner, winner_holdout=win_holdout, merge_wins=merge_wins)
+
+
+def _merge_record(sel: Selection, members: Members, ctx: SearchContext) -> dict[str, Any]:
+    """The best merge of the search: its recipe and scores."""
+    w = sel.winner
+    return {
+        "candidates": members.chosen,
+        "weights": w.config.weights,
+        "method": w.config.method,
+        "params": w.config.relevant_params(),
+        "seed": ctx.settings.seed,
+        "subset": w.config.subset,
+        "anchor": members.anchor,
+        "base": str(ctx.ws.base_dir),
+        "strategy": w.strategy,
+        "iteration": w.iteration,
+        "scores": {
+            "search_macro_f1": w.macro_f1,
+            "holdout_macro_f1": sel.winner_holdout.macro_f1 if sel.winner_holdout else None,
+            "best_candidate_search_macro_f1": members.best_single,
+        },
+    }
+
+
+def shipped_meta(ctx: SearchContext, members: Members, sel: Selection) -> CheckpointMeta:
+    """The meta of what the stage ships, honestly: the merge with its recipe when it won; otherwise the candidate's
+    own meta (kind, policies, thresholds, training recipe) with the search and its losing best merge under
+    ``recipe.merge_search``."""
+    settings = ctx.settings
     out = Path(settings.out)
     name = settings.name or out.name
-    params = {k: v for k, v in winner.config.relevant_params().items()}
+    search = {
+        "strategies": settings.strategies,
+        "iterations": settings.iterations,
+        "top_k": settings.top_k,
+        "methods": settings.methods,
+        "subsets": settings.subsets,
+        "data": settings.data.model_dump(mode="json"),
+        "precision": settings.precision,
+        "search_rows": len(ctx.search),
+        "holdout_rows": len(ctx.holdout) if ctx.holdout else 0,
+        "report": REPORT_FILE,
+    }
+    merge = _merge_record(sel, members, ctx)
+    anchor = ctx.by_folder[members.anchor]
+    if sel.merge_wins:
+        w, wh = sel.winner, sel.winner_holdout
+        metrics = {
+            "search": {"macro_f1": w.macro_f1, "f1": w.f1},
+            "holdout": {"macro_f1": wh.macro_f1, "f1": {p: s.f1 for p, s in wh.policies.items()}} if wh else None,
+        }
+        recipe = {"selected": "merge", **merge, "search": search}
+        return merged_meta(name, [ctx.by_folder[f] for f in members.chosen], anchor, w.thresholds, recipe, metrics)
+    score = members.scores[members.anchor]
     recipe = {
-        "selected": "merge" if merge_wins else "best_candidate",
-        "candidates": [str(m.folder) for m in members],
-        "weights": winner.config.weights,
-        "method": winner.config.method,
-        "params": params,
-        "seed": settings.seed,
-        "subset": winner.config.subset,
-        "anchor": str(anchor.folder),
-        "base": str(ws.base_dir),
-        "strategy": winner.strategy,
-        "iteration": winner.iteration,
-        "search": {
-            "strategies": settings.strategies,
-            "iterations": settings.iterations,
-            "top_k": settings.top_k,
-            "methods": settings.methods,
-            "subsets": settings.subsets,
-            "data": settings.data.model_dump(mode="json"),
-            "precision": settings.precision,
-            "search_rows": len(search),
-            "holdout_rows": len(holdout) if holdout else 0,
-        },
-        "scores": {
-            "search_macro_f1": winner.macro_f1,
-            "holdout_macro_f1": win_holdout.macro_f1 if win_holdout else None,
-            "best_candidate_search_macro_f1": best_single,
-        },
+        **anchor.meta.recipe,
+        "selected": "best_candidate",
+        "candidate": members.anchor,
+        "merge_search": {**search, "best_merge": merge},
     }
     metrics = {
-        "search": {"macro_f1": winner.macro_f1, "f1": winner.f1},
-        "holdout": {"macro_f1": win_holdout.macro_f1, "f1": {p: s.f1 for p, s in win_holdout.policies.items()}}
-        if win_holdout
+        **anchor.meta.metrics,
+        "search": {"macro_f1": score.macro_f1, "f1": score.f1},
+        "holdout": {"macro_f1": score.holdout_macro_f1, "f1": score.holdout_f1}
+        if score.holdout_macro_f1 is not None
         else None,
     }
-    if not merge_wins:  # the candidate as it is, with the thresholds calibrated at training time
-        metrics["best_candidate_holdout"] = {
-            "macro_f1": scores[anchor_key].holdout_macro_f1,
-            "f1": scores[anchor_key].holdout_f1,
-        }
-    meta = merged_meta(name, members, anchor, winner.thresholds if merge_wins else {}, recipe, metrics)
-    save_checkpoint(out, ws.model, anchor.folder, meta)
+    return anchor.meta.model_copy(update={"name": name, "recipe": recipe, "metrics": metrics})
 
-    # 4. With full_report: held-out scores of the other members and of each method's default and best merge
-    #    (the ablation; the anchor's were computed for the selection above).
+
+def ablation(ctx: SearchContext, members: Members, trials: Trials, evaluator: MergeEvaluator) -> dict[str, Any]:
+    """With ``full_report``: held-out scores of every member and of each method's default and best merge."""
+    if ctx.holdout is None or not ctx.settings.full_report:
+        return {}
+    for f in members.chosen:
+        held_out_score(ctx, members, f)
     per_method: dict[str, dict[str, Any]] = {}
-    if holdout is not None:
-        for f in chosen if settings.full_report else []:
-            if scores[f].holdout_macro_f1 is not None:
-                continue
-            ws.load(by_folder[f].state)
-            res = holdout.evaluate(scores[f].thresholds)
-            scores[f].holdout_macro_f1 = res.macro_f1
-            scores[f].holdout_f1 = {p: s.f1 for p, s in res.policies.items()}
-        if settings.full_report:
-            for d in defaults:
-                tried = [t for t in trials if t.config.method == d.config.method]
-                best_m = max(tried, key=lambda t: t.macro_f1) if tried else None
-                entry: dict[str, Any] = {"default_search": d.macro_f1, "search_trials": len(tried)}
-                for label, picked in (("default", d), ("best", best_m)):
-                    if picked is None:
-                        continue
-                    entry[f"{label}_search"] = picked.macro_f1
-                    entry[f"{label}_holdout"] = held_out(picked).macro_f1
-                per_method[d.config.method] = entry
+    for d in trials.defaults:
+        tried = [t for t in trials.trials if t.config.method == d.config.method]
+        best_m = max(tried, key=lambda t: t.macro_f1) if tried else None
+        entry: dict[str, Any] = {"default_search": d.macro_f1, "search_trials": len(tried)}
+        for label, picked in (("default", d), ("best", best_m)):
+            if picked is not None:
+                entry[f"{label}_search"] = picked.macro_f1
+                entry[f"{label}_holdout"] = evaluator.held_out(picked).macro_f1
+        per_method[d.config.method] = entry
+    return per_method
 
-    curves = {s: [t.macro_f1 for t in trials if t.strategy == s] for s in settings.strategies}
-    plot_search(curves, out / PLOT_FILE, best_single, {d.config.method: d.macro_f1 for d in defaults})
-    evaluated = [t for t in defaults + trials if not t.cached]
-    total_seconds = time.perf_counter() - t_start
+
+def write_report(
+    ctx: SearchContext,
+    members: Members,
+    trials: Trials,
+    sel: Selection,
+    per_method: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    from merging.plots import plot_search
+
+    settings = ctx.settings
+    out = Path(settings.out)
+    curves = {s: [t.macro_f1 for t in trials.trials if t.strategy == s] for s in settings.strategies}
+    plot_search(curves, out / PLOT_FILE, members.best_single, {d.config.method: d.macro_f1 for d in trials.defaults})
+    evaluated = [t for t in trials.defaults + trials.trials if not t.cached]
+    anchor = members.scores[members.anchor]
+    candidates = {f: s.model_dump() for f, s in members.scores.items()}
     report = {
         "out": str(out),
-        "members": chosen,
-        "anchor": str(anchor.folder),
-        "winner": winner.model_dump(mode="json"),
-        "winner_holdout": win_holdout.model_dump() if win_holdout else None,
+        "members": members.chosen,
+        "anchor": members.anchor,
+        "winner": sel.winner.model_dump(mode="json"),
+        "winner_holdout": sel.winner_holdout.model_dump() if sel.winner_holdout else None,
         "best_single_candidate": {
-            "folder": str(anchor.folder),
-            "search_macro_f1": best_single,
-            "holdout_macro_f1": scores[str(anchor.folder)].holdout_macro_f1,
-            "holdout_f1": scores[str(anchor.folder)].holdout_f1,
+            "folder": members.anchor,
+            "search_macro_f1": members.best_single,
+            "holdout_macro_f1": anchor.holdout_macro_f1,
+            "holdout_f1": anchor.holdout_f1,
         },
-        "selected": recipe["selected"],
-        "merge_beats_best_candidate_on_holdout": merge_wins if win_holdout else None,
+        "selected": sel.selected,
+        "merge_beats_best_candidate_on_holdout": sel.merge_wins if sel.winner_holdout else None,
         "per_method": per_method,
-        "candidates": {f: s.model_dump() for f, s in scores.items()},
+        "candidates": candidates,
         "timing": {
-            "total_seconds": total_seconds,
+            "total_seconds": seconds,
             "evaluations": len(evaluated),
-            "cache_hits": len(defaults) + len(trials) - len(evaluated),
+            "cache_hits": len(trials.defaults) + len(trials.trials) - len(evaluated),
             "mean_seconds_per_evaluation": sum(t.seconds for t in evaluated) / max(len(evaluated), 1),
         },
     }
     trials_doc = {
-        "candidates": {f: s.model_dump() for f, s in scores.items()},
-        "members": chosen,
-        "anchor": str(anchor.folder),
-        "defaults": [t.model_dump(mode="json") for t in defaults],
-        "trials": [t.model_dump(mode="json") for t in trials],
+        "candidates": candidates,
+        "members": members.chosen,
+        "anchor": members.anchor,
+        "defaults": [t.model_dump(mode="json") for t in trials.defaults],
+        "trials": [t.model_dump(mode="json") for t in trials.trials],
     }
-    import json
-
     (out / TRIALS_FILE).write_text(json.dumps(trials_doc, indent=2), encoding="utf-8")
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    _log(
-        f"winner {winner.config.method}/{winner.config.subset} ({winner.strategy} #{winner.iteration}): search "
-        f"{winner.macro_f1:.4f}, holdout {win_holdout.macro_f1 if win_holdout else float('nan'):.4f}; best single "
-        f"candidate {anchor.name} holdout {scores[anchor_key].holdout_macro_f1}; shipped: {recipe['selected']}; "
-        f"{total_seconds:.0f}s total → {out}"
+    return report
+
+
+def run_search(settings: SearchSettings) -> dict[str, Any]:
+    """The model merging search; returns the report (also written to ``out/report.json``)."""
+    t_start = time.perf_counter()
+    ctx = prepare(settings)
+    members = choose_members(ctx)
+    evaluator = MergeEvaluator(ctx, members)
+    trials = run_trials(ctx, members, evaluator)
+    sel = decide(ctx, members, trials, evaluator)
+    meta = shipped_meta(ctx, members, sel)
+    anchor = ctx.by_folder[members.anchor]
+    if sel.merge_wins:
+        evaluator.load(sel.winner.config)
+    else:
+        ctx.ws.load(anchor.state)
+    save_checkpoint(Path(settings.out), ctx.ws.model, anchor.folder, meta)
+    per_method = ablation(ctx, members, trials, evaluator)
+    report = write_report(ctx, members, trials, sel, per_method, time.perf_counter() - t_start)
+    w = sel.winner
+    log.info(
+        "winner %s/%s (%s #%d): search %.4f, holdout %.4f; best single candidate %s holdout %s; shipped: %s; "
+        "%.0fs total -> %s",
+        w.config.method,
+        w.config.subset,
+        w.strategy,
+        w.iteration,
+        w.macro_f1,
+        sel.winner_holdout.macro_f1 if sel.winner_holdout else float("nan"),
+        Path(members.anchor).name,
+        members.scores[members.anchor].holdout_macro_f1,
+        sel.selected,
+        report["timing"]["total_seconds"],
+        settings.out,
     )
     return report
 
@@ -538,7 +676,7 @@ def apply_merge(settings: ApplySettings) -> CheckpointMeta:
         thresholds = {p: s.threshold for p, s in res.policies.items()}
         f1 = {p: s.f1 for p, s in res.policies.items()}
         metrics = {"val": {"macro_f1": res.macro_f1, "f1": f1, "rows": len(rows)}}
-        _log(f"validation macro-F1 {res.macro_f1:.4f} over {len(rows)} rows")
+        log.info(f"validation macro-F1 {res.macro_f1:.4f} over {len(rows)} rows")
     recipe = {
         "candidates": [str(c.folder) for c in candidates],
         "weights": weights,
@@ -553,5 +691,5 @@ def apply_merge(settings: ApplySettings) -> CheckpointMeta:
     out = Path(settings.out)
     meta = merged_meta(settings.name or out.name, candidates, anchor, thresholds, recipe, metrics)
     save_checkpoint(out, ws.model, anchor.folder, meta)
-    _log(f"{settings.method} merge of {len(candidates)} models → {out}")
+    log.info(f"{settings.method} merge of {len(candidates)} models → {out}")
     return meta
