@@ -1,4 +1,4 @@
-"""``uniguard serve`` and ``uniguard bench``."""
+"""``uniguard serve`` (``uniguard bench`` lives in ``uniguard.bench``: it is no part of the service)."""
 
 from __future__ import annotations
 
@@ -27,31 +27,6 @@ def register(sub: Any) -> None:
     serve.add_argument("--model", default=None, help="exported model folder (env UNIGUARD_MODEL_DIR)")
     serve.add_argument("--config", default=None, help="YAML/JSON settings file (env UNIGUARD_CONFIG_FILE)")
     serve.set_defaults(func=run_serve)
-
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark the engine and the service",
-        description="Benchmark, in one run and on one prompt mix, the raw ONNX Runtime engine and the service over "
-        "HTTP at several concurrencies (localhost only).",
-    )
-    bench.add_argument(
-        "--model", default=None, help="exported model folder (default: UNIGUARD_MODEL_DIR or models/uniguard-minilm)"
-    )
-    bench.add_argument("--url", default=None, help="bench a running service instead of starting one (localhost only)")
-    bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
-    bench.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client concurrencies")
-    bench.add_argument("--prompts", type=int, default=400, help="size of the prompt mix")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--no-engine", dest="engine", action="store_false", help="skip the raw engine measurement")
-    bench.add_argument("--no-service", dest="service", action="store_false", help="skip the HTTP measurement")
-    bench.add_argument(
-        "--engine",
-        dest="service",
-        action="store_false",
-        help="the raw ONNX Runtime engine only (single-stream and batch-32), same as --no-service",
-    )
-    bench.add_argument("--json", default=None, help="write the results to this JSON file")
-    bench.set_defaults(func=run_bench)
 
 
 class StartupError(RuntimeError):
@@ -125,9 +100,3 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=False,
     )
     return 0
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from service.bench import main
-
-    return main(args)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from service.bench import serve_command
+from uniguard.local_server import serve_command
 
 SECRET = "zebra-quokka-7731 please rate my pineapple ransom letter"
 GOOD_POLICY = """name: {name}

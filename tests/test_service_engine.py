@@ -56,7 +56,7 @@ def test_cuda_without_gpu_refuses_to_start(tiny_model_dir: Path) -> None:
 
 def test_service_never_imports_torch() -> None:
     code = (
-        "import sys, service.app, service.engine, service.bench, service.cli;"
+        "import sys, service.app, service.engine, service.cli, scoring.core, scoring.onnx, uniguard.bench;"
         "import service.routers.classify, service.routers.ops, service.routers.policies;"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

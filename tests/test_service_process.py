@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.bench import _free_port, make_prompt_mix, wait_ready
 from service.cli import register
+from uniguard.bench import make_prompt_mix
 from uniguard.cli import main
+from uniguard.local_server import free_port, wait_ready
 
 
 def test_serve_help_lists_every_setting() -> None:
@@ -33,7 +34,7 @@ def test_serve_help_lists_every_setting() -> None:
 def test_serve_process_then_bench_against_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`uniguard serve`: flags beat the environment, which beats the config file; `uniguard bench --url` measures
     it; SIGTERM drains and exits 0."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "uniguard.yaml"
     config.write_text("max_texts_per_request: 2\nport: 1\n", encoding="utf-8")
     env = {

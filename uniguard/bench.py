@@ -14,10 +14,6 @@ import gc
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +21,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+
+from uniguard.console import note, print_table
+from uniguard.local_server import free_port, start_server, stop_server, wait_ready
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -89,7 +88,7 @@ def _pct(values: list[float]) -> dict[str, float]:
 # -- (a) engine ---------------------------------------------------------------------------------------------------
 def bench_engine(model_dir: Path, mix: list[BenchPrompt], seconds: float, threads: int | None) -> dict[str, Any]:
     from policies.registry import PolicyRegistry
-    from service.engine import OnnxEngine
+    from scoring.onnx import OnnxEngine
 
     engine = OnnxEngine(model_dir, threads=threads)
     engine.warmup(3)
@@ -134,50 +133,6 @@ def bench_engine(model_dir: Path, mix: list[BenchPrompt], seconds: float, thread
 
 
 # -- (b) service ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def serve_command(model_dir: Path | str, port: int) -> list[str]:
-    """The command line of a ``uniguard serve`` on localhost, run with this interpreter."""
-    address = ["--host", "127.0.0.1", "--port", str(port)]
-    return [sys.executable, "-m", "uniguard", "serve", *address, "--model", str(model_dir)]
-
-
-def start_server(model_dir: Path, port: int, env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "UNIGUARD_LOG_LEVEL": "warning", **(env_extra or {})}
-    return subprocess.Popen(serve_command(model_dir, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"the service exited with code {proc.returncode}: {err[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the service at {url} was not ready within {timeout_s:.0f}s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class _Counter:
     def __init__(self) -> None:
         self.n = 0
@@ -298,19 +253,13 @@ def bench_service(url: str, mix: list[BenchPrompt], concurrencies: list[int], se
     levels = []
     for c in concurrencies:
         levels.append(asyncio.run(closed_loop(url, mix, c, seconds, counter)))
-        _progress(f"service c={c}: {levels[-1]['pairs_per_s']:.0f} pairs/s, p99 {levels[-1]['p99_ms']:.1f} ms")
+        note(f"service c={c}: {levels[-1]['pairs_per_s']:.0f} pairs/s, p99 {levels[-1]['p99_ms']:.1f} ms")
     best = max(levels, key=lambda r: r["requests_per_s"])
     half = asyncio.run(open_loop(url, mix, best["requests_per_s"] / 2, seconds, counter))
-    _progress(f"service at half saturation: p99 {half['p99_ms']:.1f} ms")
+    note(f"service at half saturation: p99 {half['p99_ms']:.1f} ms")
     cached = asyncio.run(cached_latency(url, mix, seconds))
-    _progress(f"cached verdicts: p99 {cached['p99_ms']:.2f} ms")
+    note(f"cached verdicts: p99 {cached['p99_ms']:.2f} ms")
     return {"levels": levels, "half_saturation": half, "cached": cached}
-
-
-def _progress(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[dim]bench:[/dim] {message}")
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -338,64 +287,58 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    def ms(r: dict[str, Any]) -> list[str]:
+        return [f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}"]
 
-    table = Table(title=f"uniguard bench — {result['model']} ({result['cpus']} CPUs)")
-    for col in ("what", "req/s", "pairs/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
-        table.add_column(col, justify="right" if col != "what" else "left")
+    rows: list[list[str]] = []
     engine = result.get("engine")
     if engine:
         s, b = engine["single_stream"], engine["batch32"]
-        table.add_row(
-            "engine single-stream",
-            f"{s['requests_per_s']:.1f}",
-            f"{s['pairs_per_s']:.0f}",
-            f"{s['p50_ms']:.2f}",
-            f"{s['p95_ms']:.2f}",
-            f"{s['p99_ms']:.2f}",
-            "",
-        )
-        table.add_row(
-            "engine batch-32",
-            "",
-            f"{b['pairs_per_s']:.0f}",
-            f"{b['p50_ms']:.2f}",
-            f"{b['p95_ms']:.2f}",
-            f"{b['p99_ms']:.2f}",
-            "",
-        )
+        rows.append(["engine single-stream", f"{s['requests_per_s']:.1f}", f"{s['pairs_per_s']:.0f}", *ms(s), ""])
+        rows.append(["engine batch-32", "", f"{b['pairs_per_s']:.0f}", *ms(b), ""])
     service = result.get("service")
     if service:
         for lv in service["levels"]:
-            table.add_row(
-                f"service c={lv['concurrency']}",
-                f"{lv['requests_per_s']:.1f}",
-                f"{lv['pairs_per_s']:.0f}",
-                f"{lv['p50_ms']:.2f}",
-                f"{lv['p95_ms']:.2f}",
-                f"{lv['p99_ms']:.2f}",
-                str(lv["errors"]),
+            rate = f"{lv['requests_per_s']:.1f}"
+            rows.append(
+                [f"service c={lv['concurrency']}", rate, f"{lv['pairs_per_s']:.0f}", *ms(lv), str(lv["errors"])]
             )
         h = service["half_saturation"]
-        table.add_row(
-            f"service open loop {h['rate_per_s']:.1f}/s",
-            "",
-            f"{h['pairs_per_s']:.0f}",
-            f"{h['p50_ms']:.2f}",
-            f"{h['p95_ms']:.2f}",
-            f"{h['p99_ms']:.2f}",
-            str(h["errors"]),
+        rows.append(
+            [f"service open loop {h['rate_per_s']:.1f}/s", "", f"{h['pairs_per_s']:.0f}", *ms(h), str(h["errors"])]
         )
-        c = service["cached"]
-        table.add_row(
-            "service cached verdicts", "", "", f"{c['p50_ms']:.2f}", f"{c['p95_ms']:.2f}", f"{c['p99_ms']:.2f}", ""
-        )
-    console = Console()
-    console.print(table)
+        rows.append(["service cached verdicts", "", "", *ms(service["cached"]), ""])
+    headers = ("what", "req/s", "pairs/s", "p50 ms", "p95 ms", "p99 ms", "errors")
+    print_table(f"uniguard bench — {result['model']} ({result['cpus']} CPUs)", headers, rows)
     for name, t in result.get("targets", {}).items():
-        mark = "[green]ok[/green]" if t["ok"] else "[red]missed[/red]"
-        console.print(f"  {name}: {t['value']:.3f} (target {t['target']}) {mark}")
+        print(f"  {name}: {t['value']:.3f} (target {t['target']}) {'ok' if t['ok'] else 'missed'}")
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the engine and the service",
+        description="Benchmark, in one run and on one prompt mix, the raw ONNX Runtime engine and the service over "
+        "HTTP at several concurrencies (localhost only).",
+    )
+    bench.add_argument(
+        "--model", default=None, help="exported model folder (default: UNIGUARD_MODEL_DIR or models/uniguard-minilm)"
+    )
+    bench.add_argument("--url", default=None, help="bench a running service instead of starting one (localhost only)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
+    bench.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client concurrencies")
+    bench.add_argument("--prompts", type=int, default=400, help="size of the prompt mix")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-engine", dest="engine", action="store_false", help="skip the raw engine measurement")
+    bench.add_argument("--no-service", dest="service", action="store_false", help="skip the HTTP measurement")
+    bench.add_argument(
+        "--engine",
+        dest="service",
+        action="store_false",
+        help="the raw ONNX Runtime engine only (single-stream and batch-32), same as --no-service",
+    )
+    bench.add_argument("--json", default=None, help="write the results to this JSON file")
+    bench.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -421,7 +364,7 @@ def main(args: argparse.Namespace) -> int:
         },
     }
     if args.engine:
-        _progress("raw engine …")
+        note("raw engine …")
         result["engine"] = bench_engine(model_dir, mix, args.seconds, None)
         result["model"] = result["engine"]["model"]
     if args.service:
@@ -429,7 +372,7 @@ def main(args: argparse.Namespace) -> int:
         url = args.url
         try:
             if not url:
-                port = _free_port()
+                port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 proc = start_server(model_dir, port)
             wait_ready(url, proc)
