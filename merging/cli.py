@@ -6,9 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare", "slerp")  # kept in sync with merging.methods (tested)
-SUBSET_NAMES = ("all", "attention", "attention_output", "no_head")
-STRATEGY_NAMES = ("thompson", "ucb", "egreedy", "random")
+from merging.methods import METHODS  # no torch at import time: `uniguard --help` stays light
+from merging.search import STRATEGIES
+from merging.subsets import SUBSETS
+
+METHOD_NAMES = tuple(METHODS)
+SUBSET_NAMES = tuple(SUBSETS)
+STRATEGY_NAMES = tuple(STRATEGIES)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

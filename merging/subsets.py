@@ -34,13 +34,6 @@ SUBSETS: dict[str, Callable[[str], bool]] = {
     "no_head": lambda name: not _is_head(name),
 }
 
-SUBSET_HELP = {
-    "all": "every parameter",
-    "attention": "self-attention query/key/value weights and biases",
-    "attention_output": "attention.output.dense weights and biases",
-    "no_head": "all but the classification head (classifier.* and bert.pooler.*)",
-}
-
 
 def select(subset: str, names: Iterable[str]) -> list[str]:
     """The parameter names of ``subset`` among ``names`` (in their order); refuses an empty selection."""

@@ -39,11 +39,6 @@ def test_registry_documents_every_method() -> None:
     assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare", "slerp"}
     for m in METHODS.values():
         assert m.formula and m.source and callable(m.fn)
-    from merging.cli import METHOD_NAMES, STRATEGY_NAMES, SUBSET_NAMES
-    from merging.search import STRATEGIES
-
-    assert set(METHOD_NAMES) == set(METHODS) and set(SUBSET_NAMES) == set(SUBSETS)
-    assert set(STRATEGY_NAMES) == set(STRATEGIES)
 
 
 def test_linear_normalises_weights() -> None:
@@ -444,3 +439,46 @@ def test_tiny_end_to_end_search_and_apply(tiny_family: dict[str, Path], tmp_path
     merged, original = load_state_dict(one), load_state_dict(Path(cands[1]))
     assert all(torch.allclose(merged[k], original[k], atol=1e-6) for k in original)
     assert CheckpointMeta.load(one).recipe["weights"] == [0.0, 1.0]
+
+
+def test_passed_through_candidate_is_recorded_as_itself(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """When no merge beats the best single candidate, the meta that ships is the candidate's own (kind, policies,
+    thresholds, training recipe); the losing best merge sits under recipe.merge_search, never as the recipe."""
+    from types import SimpleNamespace
+
+    from merging.evaluate import EvalResult, PolicyScore
+    from merging.mms import CandidateScore, Members, SearchSettings, Selection, Trial, shipped_meta
+    from training.meta import CheckpointMeta
+
+    meta = CheckpointMeta.load(tiny_checkpoint).model_copy(
+        update={"kind": "multitask", "recipe": {"lr": 8e-5, "epochs": 2}, "thresholds": {"toxicity": 0.42}}
+    )
+    folder = str(tiny_checkpoint)
+    other = str(tmp_path / "taskguard")
+    score = CandidateScore(
+        folder=folder, policies=["toxicity"], own_macro_f1=0.8, macro_f1=0.8, f1={"toxicity": 0.8},
+        thresholds={"toxicity": 0.4}, holdout_macro_f1=0.75, holdout_f1={"toxicity": 0.75},
+    )  # fmt: skip
+    members = Members(scores={folder: score, other: score}, chosen=[folder, other], anchor=folder)
+    config = Config(weights=[0.5, 0.5], method="ties", params=MergeParams())
+    trial = Trial(
+        strategy="thompson", iteration=3, config=config, macro_f1=0.82, f1={"toxicity": 0.82},
+        thresholds={"toxicity": 0.5}, seconds=1.0,
+    )  # fmt: skip
+    losing = EvalResult(macro_f1=0.7, policies={"toxicity": PolicyScore(f1=0.7, threshold=0.5, rows=10)})
+    sel = Selection(winner=trial, winner_holdout=losing, merge_wins=False)
+    ctx = SimpleNamespace(
+        settings=SearchSettings(candidates=[Path(folder), Path(other)], out=tmp_path / "uniguard"),
+        search=[0] * 20,
+        holdout=[0] * 10,
+        ws=SimpleNamespace(base_dir=tmp_path / "base"),
+        by_folder={folder: SimpleNamespace(folder=Path(folder), meta=meta)},
+    )
+    shipped = shipped_meta(ctx, members, sel)  # type: ignore[arg-type]
+    assert shipped.kind == "multitask" and shipped.policies == meta.policies and shipped.thresholds == meta.thresholds
+    assert shipped.recipe["selected"] == "best_candidate" and shipped.recipe["candidate"] == folder
+    assert shipped.recipe["lr"] == 8e-5 and "method" not in shipped.recipe and "weights" not in shipped.recipe
+    best_merge = shipped.recipe["merge_search"]["best_merge"]
+    assert best_merge["method"] == "ties" and best_merge["scores"]["holdout_macro_f1"] == 0.7
+    assert shipped.metrics["holdout"] == {"macro_f1": 0.75, "f1": {"toxicity": 0.75}}
+    assert shipped.name == "uniguard"

@@ -48,6 +48,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files or folders (shared row format)")
     ev.add_argument("--policies", type=Path, nargs="*", default=[], help="folders of extra policy YAMLs")
     ev.add_argument("--json", type=Path, help="write metrics as JSON here (plus a PR-curve PNG beside it)")
+    ev.add_argument("--scores", type=Path, help="write every row's score as JSONL here (policy, text, label, score)")
     ev.add_argument("--split", choices=["test", "val", "all"], default="all", help="which hash split of the rows")
     ev.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
     ev.add_argument("--cap", type=int, default=None, help="max rows per (policy, source, label); default 150 if split")
@@ -105,8 +106,8 @@ def policy_texts(model: LoadedModel, folders: Sequence[Path]) -> dict[str, str]:
 
 def evaluate_rows(
     model: LoadedModel, rows: Sequence[Any], texts: dict[str, str], batch_size: int = 32
-) -> tuple[dict[str, PolicyReport], dict[str, tuple[list[float], list[int]]]]:
-    """Score every row under its policy and compute the per-policy report."""
+) -> tuple[dict[str, PolicyReport], list[float]]:
+    """Score every row under its policy; the per-policy report and each row's score."""
     import numpy as np
 
     from training.metrics import binary_metrics, macro
@@ -120,7 +121,6 @@ def evaluate_rows(
     pairs = [(texts[r.policy], r.text) for r in rows]
     scores = [s.score for s in model.scorer.score_pairs(pairs, batch_size=batch_size)]
     reports: dict[str, PolicyReport] = {}
-    curves: dict[str, tuple[list[float], list[int]]] = {}
     for policy in sorted({r.policy for r in rows}):
         idx = [i for i, r in enumerate(rows) if r.policy == policy]
         s = np.array([scores[i] for i in idx])
@@ -133,8 +133,7 @@ def evaluate_rows(
             by_source.setdefault(key, []).append(int(scores[i] >= threshold) == rows[i].y)
         acc = {k: sum(v) / len(v) for k, v in sorted(by_source.items())}
         reports[policy] = PolicyReport(**m.model_dump(), by_source=acc | {"_macro": macro(list(acc.values()))})
-        curves[policy] = (list(s), list(y))
-    return reports, curves
+    return reports, scores
 
 
 def macro_report(reports: dict[str, PolicyReport]) -> dict[str, Any]:
@@ -169,7 +168,7 @@ def print_report(reports: dict[str, PolicyReport], title: str) -> None:
     print_table(title, headers, rows, bold_last=True)
 
 
-def plot_pr(curves: dict[str, tuple[list[float], list[int]]], path: Path) -> bool:
+def plot_pr(rows: Sequence[Any], scores: Sequence[float], path: Path) -> bool:
     """Precision-recall curves per policy, one PNG; False (nothing written) without matplotlib."""
     try:
         import matplotlib
@@ -181,8 +180,9 @@ def plot_pr(curves: dict[str, tuple[list[float], list[int]]], path: Path) -> boo
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 5))
-    for policy, (scores, labels) in curves.items():
-        s, y = np.asarray(scores), np.asarray(labels)
+    for policy in sorted({r.policy for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.policy == policy]
+        s, y = np.asarray([scores[i] for i in idx]), np.asarray([rows[i].y for i in idx])
         if y.sum() == 0 or y.sum() == y.size:
             continue
         order = np.argsort(-s, kind="mergesort")
@@ -226,7 +226,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"uniguard eval: no rows in {', '.join(map(str, args.data))} (split {args.split})")
     model = load_model(args.model, args.threads)
     texts = policy_texts(model, args.policies)
-    reports, curves = evaluate_rows(model, rows, texts, args.batch_size)
+    reports, scores = evaluate_rows(model, rows, texts, args.batch_size)
     print_report(
         reports, f"{args.model} on {len(rows)} rows (split {args.split}; {sum(dropped.values())} noisy dropped)"
     )
@@ -236,8 +236,15 @@ def run_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
         png = args.json.with_suffix(".pr.png")
-        if plot_pr(curves, png):
+        if plot_pr(rows, scores, png):
             print(f"wrote {args.json} and {png}")
         else:
             print(f"wrote {args.json} (no PR-curve PNG: matplotlib is in the training extras, `make dev-deps`)")
+    if args.scores:
+        args.scores.parent.mkdir(parents=True, exist_ok=True)
+        with args.scores.open("w", encoding="utf-8") as handle:
+            for row, score in zip(rows, scores, strict=True):
+                record = {"policy": row.policy, "text": row.text, "label": row.label, "score": score}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print(f"wrote {args.scores}")
     return 0
