@@ -12,13 +12,24 @@ instruction and 1 for the query. The separator is the tokenizer's pair separator
 Token budget: the policy part is truncated (from its end) so the query fits; the query's start is
 never cut. A query longer than the window is split into overlapping windows, each with the same
 (possibly shortened) instruction, and each window knows the character span of the query it covers.
+
+Two modes (``EncodingConfig.mode``), same tokens, positions and token types:
+
+- ``full``: a window is the whole sequence; every token attends to every token.
+- ``prefix``: a window is the query segment ``Query: <prompt> [SEP]`` (type 1, positions continuing
+  after the policy) plus a reference to its ``PolicySegment`` ``[CLS] Instruct: <policy> [SEP]``
+  (type 0, positions from 0). The policy segment is capped at ``max_policy_tokens`` once per policy
+  and never shortened per prompt, so it is identical for every prompt and its keys/values can be
+  computed once (policy tokens attend only to policy tokens). Long prompts are windowed within the
+  remaining room, ``max_length`` minus the policy segment.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,6 +45,7 @@ DEFAULT_MAX_LENGTH = 256
 DEFAULT_MAX_POLICY_TOKENS = 128
 DEFAULT_MIN_POLICY_TOKENS = 48
 DEFAULT_WINDOW_OVERLAP = 32
+Mode = Literal["full", "prefix"]
 
 
 class EncodingConfig(BaseModel):
@@ -46,6 +58,9 @@ class EncodingConfig(BaseModel):
     max_policy_tokens: int = DEFAULT_MAX_POLICY_TOKENS
     min_policy_tokens: int = DEFAULT_MIN_POLICY_TOKENS
     window_overlap: int = DEFAULT_WINDOW_OVERLAP
+    # "full": every token attends to every token (the 0.1/0.2 models); "prefix": the policy segment is encoded
+    # once and only query tokens read it (see the module docstring).
+    mode: Mode = "full"
 
 
 class PolicyLike(Protocol):
@@ -71,17 +86,39 @@ def format_instruction(policy: str, query: str) -> str:
 
 
 @dataclass(frozen=True)
+class PolicySegment:
+    """Prefix mode: ``[CLS] Instruct: <policy> [SEP]`` as token ids and types, the same for every prompt.
+
+    ``key`` (a hash of the ids) names its cached keys/values."""
+
+    input_ids: tuple[int, ...]
+    token_type_ids: tuple[int, ...]
+    key: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
 class Window:
-    """One model input: a (possibly shortened) instruction with a span of the query."""
+    """One model input: a (possibly shortened) instruction with a span of the query.
+
+    In prefix mode ``input_ids``/``token_type_ids`` hold the query segment only and ``policy`` the
+    policy segment it reads; the query's positions start at ``len(policy)``."""
 
     input_ids: list[int]
     token_type_ids: list[int]
     char_start: int
     char_end: int
+    policy: PolicySegment | None = None
 
     @property
     def attention_mask(self) -> list[int]:
         return [1] * len(self.input_ids)
+
+    @property
+    def position_start(self) -> int:
+        return len(self.policy) if self.policy is not None else 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -170,8 +207,10 @@ class InstructionEncoder:
         max_policy_tokens: int = DEFAULT_MAX_POLICY_TOKENS,
         min_policy_tokens: int = DEFAULT_MIN_POLICY_TOKENS,
         window_overlap: int = DEFAULT_WINDOW_OVERLAP,
+        mode: Mode = "full",
     ) -> None:
         self.pad_id = pad_id_of(tokenizer)
+        self.mode = mode
         # Padding and truncation are ours to do: a tokenizer.json may carry its own settings.
         for method in ("no_padding", "no_truncation"):
             if hasattr(tokenizer, method):
@@ -183,10 +222,13 @@ class InstructionEncoder:
         self.max_policy_tokens = max_policy_tokens
         self.min_policy_tokens = min(min_policy_tokens, max_policy_tokens)
         budget = max_length - self.template.n_special - len(self.query_prefix_ids)
-        if budget - self.min_policy_tokens < 16:
+        # prefix mode never shortens the policy: the query gets what the longest policy segment leaves
+        least = self.max_policy_tokens if mode == "prefix" else self.min_policy_tokens
+        if budget - least < 16:
             raise ValueError(f"max_length={max_length} leaves no room for the query")
-        self.window_overlap = min(window_overlap, (budget - self.min_policy_tokens) // 2)
+        self.window_overlap = min(window_overlap, (budget - least) // 2)
         self._policy_ids = lru_cache(maxsize=4096)(self._encode_policy)
+        self._segments = lru_cache(maxsize=4096)(self._segment)
 
     def _encode_policy(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(INSTRUCT_PREFIX + text, add_special_tokens=False).ids)
@@ -194,6 +236,18 @@ class InstructionEncoder:
     def policy_ids(self, text: str) -> tuple[int, ...]:
         """Token ids of ``Instruct: <policy text>`` (cached per text)."""
         return self._policy_ids(text)
+
+    def _segment(self, policy: tuple[int, ...]) -> PolicySegment:
+        t = self.template
+        instr = list(policy[: self.max_policy_tokens])
+        ids = tuple(t.prefix + instr + t.middle)
+        types = tuple(t.prefix_types + [t.first_type] * len(instr) + t.middle_types)
+        key = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:24]
+        return PolicySegment(input_ids=ids, token_type_ids=types, key=key)
+
+    def policy_segment(self, text: str) -> PolicySegment:
+        """Prefix mode: the policy segment of a policy text (cached), capped at ``max_policy_tokens``."""
+        return self._segments(self.policy_ids(text))
 
     def tokenize_queries(self, queries: list[str]) -> list[_Encoding]:
         """Tokenize prompts once; the result is reused for every policy."""
@@ -205,12 +259,15 @@ class InstructionEncoder:
         offsets = list(query.offsets)
         room = self.max_length - self.template.n_special - len(self.query_prefix_ids)
         n_policy = min(len(policy), self.max_policy_tokens)
-        if len(q_ids) > room - n_policy:
+        segment: PolicySegment | None = None
+        if self.mode == "prefix":
+            segment = self._segments(tuple(policy))
+        elif len(q_ids) > room - n_policy:
             n_policy = min(n_policy, max(self.min_policy_tokens, room - len(q_ids)))
         width = room - n_policy
         instr = list(policy[:n_policy])
         if len(q_ids) <= width:
-            return [self._assemble(instr, q_ids, 0, len(query_text))]
+            return [self._assemble(instr, q_ids, 0, len(query_text), segment)]
         step = width - self.window_overlap
         out: list[Window] = []
         start = 0
@@ -218,7 +275,7 @@ class InstructionEncoder:
             end = min(start + width, len(q_ids))
             char_start = offsets[start][0]
             char_end = offsets[end - 1][1]
-            out.append(self._assemble(instr, q_ids[start:end], char_start, char_end))
+            out.append(self._assemble(instr, q_ids[start:end], char_start, char_end, segment))
             if end >= len(q_ids):
                 return out
             start += step
@@ -228,9 +285,14 @@ class InstructionEncoder:
         enc = self.tokenize_queries([query])[0]
         return self.windows(self.policy_ids(policy_text_), enc, query)
 
-    def _assemble(self, instr: list[int], q_ids: list[int], char_start: int, char_end: int) -> Window:
+    def _assemble(
+        self, instr: list[int], q_ids: list[int], char_start: int, char_end: int, segment: PolicySegment | None
+    ) -> Window:
         t = self.template
         second = self.query_prefix_ids + q_ids
+        if segment is not None:  # prefix mode: the query segment, reading the policy segment
+            types = [t.second_type] * len(second) + t.suffix_types
+            return Window(second + t.suffix, types, char_start, char_end, policy=segment)
         ids = t.prefix + instr + t.middle + second + t.suffix
         types = (
             t.prefix_types
@@ -252,4 +314,5 @@ def encoder_from_config(tokenizer: TokenizerLike, config: EncodingConfig) -> Ins
         max_policy_tokens=config.max_policy_tokens,
         min_policy_tokens=config.min_policy_tokens,
         window_overlap=config.window_overlap,
+        mode=config.mode,
     )
