@@ -22,6 +22,35 @@ Target = Literal["cpu-int8", "cpu-fp32", "cuda-fp16"]
 TARGETS: tuple[Target, ...] = ("cpu-int8", "cpu-fp32", "cuda-fp16")
 
 
+QUERY_INPUTS = ("input_ids", "token_type_ids", "position_ids", "attention_mask")
+
+
+class KVLayout(BaseModel):
+    """How a prefix-mode graph takes and returns keys/values (recorded in the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: int
+    heads: int
+    head_dim: int
+    max_policy_len: int  # P: the longest policy segment ([CLS] + max_policy_tokens + [SEP])
+    policy_inputs: str = "policy_key_{layer}, policy_value_{layer}: float32 [policies, heads, P, head_dim]"
+    index_inputs: str = "policy_mask: int64 [policies, P]; policy_index: int64 [batch]"
+    present_outputs: str = "present_key_{layer}, present_value_{layer}: float32 [batch, heads, query, head_dim]"
+
+    def input_names(self) -> list[str]:
+        bank = [f"policy_{kind}_{layer}" for layer in range(self.layers) for kind in ("key", "value")]
+        return [*QUERY_INPUTS, *bank, "policy_mask", "policy_index"]
+
+    def output_names(self) -> list[str]:
+        present = [f"present_{kind}_{layer}" for layer in range(self.layers) for kind in ("key", "value")]
+        return ["logits", *present]
+
+    @property
+    def bytes_per_policy(self) -> int:
+        return 2 * self.layers * self.heads * self.max_policy_len * self.head_dim * 4 + self.max_policy_len * 8
+
+
 class ManifestError(RuntimeError):
     """A model folder is missing, corrupt or incompatible; the message names the file and the fix."""
 
@@ -50,6 +79,8 @@ class Manifest(BaseModel):
     default_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     input_names: list[str]
     output_name: str = "logits"
+    # prefix mode (encoding.mode == "prefix"): how the graph takes and returns policy keys/values
+    kv_layout: KVLayout | None = None
     files: dict[str, FileEntry]
     data_sources: list[DataSource] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)

@@ -26,9 +26,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from export.manifest import MANIFEST_FILE, Manifest, Target, file_entry
+from export.manifest import MANIFEST_FILE, KVLayout, Manifest, Target, file_entry
 from export.parity import check, compare
-from policies.instruction import Window
+from export.prefix import export_prefix_raw, kv_layout
+from policies.instruction import Window, encoder_from_config
 from policies.registry import PolicyRegistry
 from scoring.core import Scorer
 from scoring.onnx import EngineError, OnnxEngine
@@ -163,13 +164,17 @@ def export_raw(checkpoint: Path, work: Path) -> Path:
     return path
 
 
-def optimize(src: Path, dst: Path, checkpoint: Path, gpu: bool) -> dict[str, Any]:
+def optimize(src: Path, dst: Path, checkpoint: Path, gpu: bool, prefix: bool = False) -> dict[str, Any]:
     """ONNX Runtime transformer fusions, with head count and width from the checkpoint's config.
 
     CPU: fusions + ONNX Runtime's basic (hardware-independent) graph optimisations. GPU: fusions
     only (no CUDA needed to build it), then fp16 with float inputs/outputs kept (``keep_io_types``).
+    Prefix graphs skip the EmbedLayerNormalization fusion: their query positions start after the policy
+    (an explicit ``position_ids`` input), which the quantised QEmbedLayerNormalization cannot take; the
+    embedding Gathers are quantised on their own instead.
     """
     import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
     from transformers import AutoConfig
 
@@ -187,6 +192,9 @@ def optimize(src: Path, dst: Path, checkpoint: Path, gpu: bool) -> dict[str, Any
         info["fusions"] = {}
         return info
     opt_level = 0 if gpu else 1
+    options = FusionOptions("bert")
+    if prefix:
+        options.enable_embed_layer_norm = False
     optimized = optimize_model(
         str(src),
         model_type="bert",
@@ -194,6 +202,7 @@ def optimize(src: Path, dst: Path, checkpoint: Path, gpu: bool) -> dict[str, Any
         hidden_size=int(config.hidden_size),
         opt_level=opt_level,
         use_gpu=gpu,
+        optimization_options=options,
     )
     info.update(
         {
@@ -374,6 +383,7 @@ class ExportPlan(BaseModel):
     skip_parity: bool = False
     recalibrate: Recalibration | None = None
     batch_size: int = 32
+    kv_layout: KVLayout | None = None  # prefix-mode checkpoints
 
 
 class GraphBuild(BaseModel):
@@ -410,7 +420,14 @@ def plan_export(
     rows_source = "validation rows"
     if val_rows is None:
         val_rows, rows_source = _policy_example_rows(meta), "policy examples (no validation rows given)"
+    layout = None
+    if meta.encoding.mode == "prefix":
+        from tokenizers import Tokenizer
+
+        encoder = encoder_from_config(Tokenizer.from_file(str(checkpoint / TOKENIZER_FILE)), meta.encoding)
+        layout = kv_layout(checkpoint, encoder.max_segment_len)
     return ExportPlan(
+        kv_layout=layout,
         checkpoint=checkpoint,
         out=out,
         target=target,
@@ -426,35 +443,42 @@ def plan_export(
 def build_graph(plan: ExportPlan, staging: Path) -> GraphBuild:
     """Export, optimise and (per target) quantise or convert the graph into ``staging``; structural checks."""
     target, checkpoint = plan.target, plan.checkpoint
+    layout = plan.kv_layout
     with tempfile.TemporaryDirectory(prefix="uniguard-export-") as tmp:
         work = Path(tmp)
-        log.info("exporting %s with optimum", checkpoint)
-        raw = export_raw(checkpoint, work / "raw")
+        info: dict[str, Any] = {"target": target, "mode": plan.meta.encoding.mode, "versions": _versions()}
+        if layout is not None:
+            log.info("exporting %s (prefix mode) with torch.onnx.export", checkpoint)
+            raw = export_prefix_raw(checkpoint, work / "raw", layout)
+            info["exporter"] = "torch.onnx.export(training.prefix.PrefixGraph)"
+            info["dynamic_axes"] = {"batch": 0, "query": 1, "policies": "bank axis 0", "policy_len": "bank axis 2"}
+        else:
+            log.info("exporting %s with optimum", checkpoint)
+            raw = export_raw(checkpoint, work / "raw")
+            info["exporter"] = "optimum.exporters.onnx.main_export(task='text-classification')"
+            info["dynamic_axes"] = {"batch": 0, "sequence": 1}
         model_path = staging / MODEL_FILE
         log.info("optimising the graph for %s", target)
-        info: dict[str, Any] = {
-            "target": target,
-            "exporter": "optimum.exporters.onnx.main_export(task='text-classification')",
-            "dynamic_axes": {"batch": 0, "sequence": 1},
-            "versions": _versions(),
-        }
         if target == "cpu-int8":
             optimized = work / "optimized.onnx"
-            info["optimization"] = optimize(raw, optimized, checkpoint, gpu=False)
+            info["optimization"] = optimize(raw, optimized, checkpoint, gpu=False, prefix=layout is not None)
             chosen = plan.isa or detect_isa()
             log.info("quantising to int8 for %s", chosen)
             info["quantization"] = quantize(optimized, model_path, chosen)
         else:
-            info["optimization"] = optimize(raw, model_path, checkpoint, gpu=target == "cuda-fp16")
+            gpu = target == "cuda-fp16"
+            info["optimization"] = optimize(raw, model_path, checkpoint, gpu=gpu, prefix=layout is not None)
         shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         info["structure"] = struct = structure(model_path, raw)
     if target == "cuda-fp16" and struct["fp16_share"] < MIN_FP16_SHARE:
         raise ExportError(f"{model_path}: only {struct['fp16_share']:.0%} of the float weights are fp16")
-    if struct["output_types"] != ["FLOAT"]:
-        raise ExportError(f"{model_path}: logits must be float32, got {struct['output_types']}")
+    if set(struct["output_types"]) != {"FLOAT"}:
+        raise ExportError(f"{model_path}: outputs must be float32, got {struct['output_types']}")
     info["opset"] = struct["opset"]
     info["skip_parity"] = plan.skip_parity
     input_names, output_names = graph_io(model_path)
+    if layout is not None and (input_names, output_names) != (layout.input_names(), layout.output_names()):
+        raise ExportError(f"{model_path}: inputs/outputs {input_names}/{output_names} differ from the prefix layout")
     return GraphBuild(input_names=input_names, output_name=output_names[0], export=info)
 
 
@@ -480,6 +504,7 @@ def stage_manifest(plan: ExportPlan, build: GraphBuild, staging: Path, evaluatio
         default_threshold=meta.default_threshold,
         input_names=build.input_names,
         output_name=build.output_name,
+        kv_layout=plan.kv_layout,
         files={"model": file_entry(staging, MODEL_FILE), "tokenizer": file_entry(staging, TOKENIZER_FILE)},
         data_sources=meta.data_sources,
         metrics=evaluation.metrics if evaluation else {},

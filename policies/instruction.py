@@ -245,6 +245,11 @@ class InstructionEncoder:
         key = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:24]
         return PolicySegment(input_ids=ids, token_type_ids=types, key=key)
 
+    @property
+    def max_segment_len(self) -> int:
+        """Prefix mode: the longest policy segment (the special tokens around ``max_policy_tokens``)."""
+        return len(self.template.prefix) + self.max_policy_tokens + len(self.template.middle)
+
     def policy_segment(self, text: str) -> PolicySegment:
         """Prefix mode: the policy segment of a policy text (cached), capped at ``max_policy_tokens``."""
         return self._segments(self.policy_ids(text))

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from policies.instruction import InstructionEncoder, Window
+from policies.instruction import InstructionEncoder, PolicySegment, Window
 
 Progress = Callable[[int], None]  # called with the number of windows just scored
 
@@ -46,19 +46,38 @@ def softmax_unsafe(logits: np.ndarray) -> np.ndarray:
     return np.asarray(e[:, 1] / e.sum(axis=1))
 
 
-def pad_windows(windows: Sequence[Window], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad a batch of windows to its longest one with the tokenizer's pad id (int64 arrays)."""
+def pad_windows(windows: Sequence[Window | PolicySegment], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a batch of windows (or policy segments) to the longest with the tokenizer's pad id (int64 arrays).
+
+    ``position_ids`` start at each window's ``position_start`` (after its policy segment in prefix mode, else 0)."""
     width = max(len(w) for w in windows)
     n = len(windows)
     ids = np.full((n, width), pad_id, dtype=np.int64)
     mask = np.zeros((n, width), dtype=np.int64)
     types = np.zeros((n, width), dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
     for i, w in enumerate(windows):
         k = len(w)
         ids[i, :k] = w.input_ids
         mask[i, :k] = 1
         types[i, :k] = w.token_type_ids
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        positions[i, :k] = np.arange(k) + (w.position_start if isinstance(w, Window) else 0)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
+
+
+def policy_rows(windows: Sequence[Window]) -> tuple[list[PolicySegment], np.ndarray]:
+    """Prefix mode: the distinct policy segments of a batch (first-seen order) and each window's index into them."""
+    order: dict[str, int] = {}
+    segments: list[PolicySegment] = []
+    index = np.zeros(len(windows), dtype=np.int64)
+    for i, w in enumerate(windows):
+        if w.policy is None:
+            raise ValueError("a full-mode window in a prefix-mode batch")
+        if w.policy.key not in order:
+            order[w.policy.key] = len(segments)
+            segments.append(w.policy)
+        index[i] = order[w.policy.key]
+    return segments, index
 
 
 def length_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from export.manifest import Manifest, ManifestError
-from policies.instruction import Window, encoder_from_config
+from policies.instruction import PolicySegment, Window, encoder_from_config
 from scoring.core import Scorer, pad_windows, softmax_unsafe
+from scoring.prefix import OnnxPrefixBackend
 
 log = logging.getLogger("uniguard.scoring")
 
@@ -74,9 +75,15 @@ class OnnxBackend:
 
 
 class OnnxEngine(Scorer):
-    """An exported UniGuard model folder (manifest checked) ready to score (policy text, query) pairs."""
+    """An exported UniGuard model folder (manifest checked) ready to score (policy text, query) pairs.
 
-    def __init__(self, model_dir: Path, provider: str = "cpu", threads: int | None = None) -> None:
+    Full mode: the sequence-classifier graph. Prefix mode: the prefix graph with a policy keys/values cache
+    (``scoring.prefix``): ``sync_policies`` pins the registry's policies (start-up and hot reload), other policies
+    are cached on first use in an LRU of ``policy_cache_size``."""
+
+    def __init__(
+        self, model_dir: Path, provider: str = "cpu", threads: int | None = None, policy_cache_size: int = 64
+    ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from tokenizers import Tokenizer
 
@@ -86,12 +93,20 @@ class OnnxEngine(Scorer):
         for role in ("model", "tokenizer"):
             if role not in self.manifest.files:
                 raise ManifestError(f"{manifest_path}: no {role!r} file listed; re-export the model")
-        unknown = set(self.manifest.input_names) - set(ALLOWED_INPUTS)
-        if unknown or "input_ids" not in self.manifest.input_names:
-            raise ManifestError(
-                f"{manifest_path}: unsupported input_names {self.manifest.input_names} "
-                f"(expected input_ids and a subset of {ALLOWED_INPUTS}); re-export the model"
-            )
+        self.mode = self.manifest.encoding.mode
+        layout = self.manifest.kv_layout
+        if self.mode == "prefix":
+            if layout is None or self.manifest.input_names != layout.input_names():
+                raise ManifestError(
+                    f"{manifest_path}: a prefix-mode model needs kv_layout and its input names; re-export the model"
+                )
+        else:
+            unknown = set(self.manifest.input_names) - set(ALLOWED_INPUTS)
+            if unknown or "input_ids" not in self.manifest.input_names:
+                raise ManifestError(
+                    f"{manifest_path}: unsupported input_names {self.manifest.input_names} "
+                    f"(expected input_ids and a subset of {ALLOWED_INPUTS}); re-export the model"
+                )
         tokenizer = Tokenizer.from_file(str(self.model_dir / self.manifest.files["tokenizer"].path))
         encoder = encoder_from_config(tokenizer, self.manifest.encoding)
         model_path = self.model_dir / self.manifest.files["model"].path
@@ -101,7 +116,15 @@ class OnnxEngine(Scorer):
             raise ManifestError(f"{model_path}: model lacks inputs {sorted(missing)} named in the manifest")
         self.provider = provider
         self.session = session
-        super().__init__(encoder, OnnxBackend(session, encoder.pad_id, self.manifest.output_name))
+        backend: OnnxBackend | OnnxPrefixBackend
+        if layout is not None and self.mode == "prefix":
+            if encoder.max_segment_len > layout.max_policy_len:
+                raise ManifestError(f"{manifest_path}: kv_layout.max_policy_len is shorter than the policy segments")
+            backend = OnnxPrefixBackend(session, encoder.pad_id, layout, policy_cache_size)
+        else:
+            backend = OnnxBackend(session, encoder.pad_id, self.manifest.output_name)
+        self.prefix: OnnxPrefixBackend | None = backend if isinstance(backend, OnnxPrefixBackend) else None
+        super().__init__(encoder, backend)
 
     @property
     def model_id(self) -> str:
@@ -111,12 +134,41 @@ class OnnxEngine(Scorer):
     def max_length(self) -> int:
         return self.encoder.max_length
 
+    # -- prefix mode: the policy cache --------------------------------------------------------------------------
+    def sync_policies(self, instruction_texts: list[str]) -> list[str]:
+        """Prefix mode: pin exactly these policies' keys/values (the registry's), computing new or changed texts
+        only; returns the keys computed. A no-op in full mode."""
+        if self.prefix is None:
+            return []
+        return self.prefix.sync_pinned([self.encoder.policy_segment(t) for t in instruction_texts])
+
+    @property
+    def cached_policies(self) -> int:
+        return self.prefix.cached_policies if self.prefix is not None else 0
+
+    @property
+    def pinned_policies(self) -> int:
+        return len(self.prefix.bank.pinned) if self.prefix is not None else 0
+
+    @property
+    def bytes_per_cached_policy(self) -> int:
+        layout = self.manifest.kv_layout
+        return layout.bytes_per_policy if layout is not None and self.prefix is not None else 0
+
     def warmup(self, batches: int = 3) -> None:
-        """Run a few dummy batches of several shapes so the first requests are not slow."""
-        lengths = [16, self.max_length // 2, self.max_length]
+        """Run a few dummy batches of several shapes so the first requests are not slow (a dummy policy in prefix
+        mode, dropped from the cache afterwards)."""
+        pad = self.encoder.pad_id + 1
+        segment = None
+        if self.prefix is not None:
+            n = self.encoder.max_segment_len
+            segment = PolicySegment(input_ids=(pad,) * n, token_type_ids=(0,) * n, key="warmup")
+        room = self.max_length - (len(segment) if segment is not None else 0)
+        lengths = [min(16, room), max(1, room // 2), room]
         sizes = [1, 8, 32]
         for i in range(batches):
             length, size = lengths[i % len(lengths)], sizes[i % len(sizes)]
-            ids = [self.encoder.pad_id + 1] * length
-            window = Window(input_ids=ids, token_type_ids=[0] * length, char_start=0, char_end=0)
+            window = Window([pad] * length, [0] * length, 0, 0, policy=segment)
             self.infer([window] * size)
+        if self.prefix is not None:
+            self.prefix.forget("warmup")

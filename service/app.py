@@ -84,6 +84,8 @@ class AppState:
                 self.metrics.policy_reloads.labels("rejected").inc()
                 log.error("policy reload rejected, the previous registry keeps serving: %s", exc)
                 raise PolicyError(str(exc)) from exc
+            if self.engine is not None:  # prefix mode: keys/values of new or changed policies, before they serve
+                await asyncio.to_thread(self.engine.sync_policies, [p.instruction_text() for p in registry])
             old = {p.name: p.content_hash for p in self.registry}
             self.set_registry(registry)
             new = {p.name: p.content_hash for p in registry}
@@ -111,6 +113,7 @@ class AppState:
             self.engine = engine
             self.status = "starting: warming up"
             await asyncio.to_thread(engine.warmup, s.warmup_batches)
+            await asyncio.to_thread(engine.sync_policies, [p.instruction_text() for p in self.registry])
         except Exception as exc:  # report any load failure through /readyz instead of crashing
             message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
             self.engine = None
@@ -131,6 +134,7 @@ class AppState:
         self.classifier = Classifier(engine, self.batcher, self.cache, self.metrics, s)
         manifest = engine.manifest
         self.metrics.model_info.labels(engine.model_id, manifest.target, engine.provider).set(1)
+        self.metrics.watch_policy_cache(engine)
         # Everything allocated so far (model, tokenizer, registry, app) lives as long as the process: move it out of
         # the collector's reach so that full collections, which would otherwise walk it, stay short (latency tail).
         gc.collect()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -71,6 +73,16 @@ class Metrics:
             "uniguard_model_info", "the loaded model (value 1)", ["model", "target", "provider"], registry=r
         )
         self.ready = Gauge("uniguard_ready", "1 when the model is loaded and warmed up", registry=r)
+        # Prefix-mode models: the policy keys/values cache (scoring/prefix.py); 0 for full-mode models.
+        self.policy_cache_policies = Gauge(
+            "uniguard_policy_cache_policies",
+            "policies whose keys/values are cached: registry (pinned) or inline (LRU)",
+            ["kind"],
+            registry=r,
+        )
+        self.policy_cache_bytes_per_policy = Gauge(
+            "uniguard_policy_cache_bytes_per_policy", "memory of one cached policy's keys/values (bytes)", registry=r
+        )
         self.inflight = Gauge("uniguard_inflight_requests", "requests being handled (probes excluded)", registry=r)
         self.inflight_rejected = Counter(
             "uniguard_inflight_rejected_total",
@@ -92,3 +104,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_policy_cache(self, engine: Any) -> None:
+        """Report the engine's policy cache at every scrape (prefix mode)."""
+        self.policy_cache_bytes_per_policy.set(engine.bytes_per_cached_policy)
+        self.policy_cache_policies.labels("registry").set_function(lambda: engine.pinned_policies)
+        self.policy_cache_policies.labels("inline").set_function(
+            lambda: engine.cached_policies - engine.pinned_policies
+        )

@@ -114,3 +114,27 @@ def tiny_exported_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("tiny_export") / "model"
     export_checkpoint(tiny_checkpoint, out, "cpu-fp32", version="0.0.1-test")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prefix_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT guard in prefix mode (same weights layout; the prefix forward reads them)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    out = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_prefix") / "ckpt", mode="prefix")
+    model = BertForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():  # a head whose scores spread over (0, 1), so tests can tell texts and policies apart
+        model.classifier.weight.mul_(100.0)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prefix_model(tiny_prefix_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny prefix checkpoint exported by ``export.onnx`` to cpu-fp32 (the prefix graph + kv layout)."""
+    from export.onnx import export_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_prefix_export") / "model"
+    export_checkpoint(tiny_prefix_checkpoint, out, "cpu-fp32", version="0.0.1-test")
+    return out

@@ -382,3 +382,76 @@ def test_recalibration_refits_only_policies_with_enough_rows_of_each_label() -> 
     assert refitted == ["big"]
     assert thresholds["small"] == 0.3  # two rows per label: kept
     assert 0.5 <= thresholds["big"] <= 0.6  # separable: re-fitted into the gap
+
+
+@pytest.fixture(scope="module")
+def decisive_prefix_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint trained in prefix mode on the synthetic rows (as `decisive_checkpoint`)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import BertForSequenceClassification
+
+    from policies.instruction import encoder_from_config
+    from scoring.core import pair_windows
+    from training.predict import TorchBackend
+
+    out = tmp_path_factory.mktemp("decisive_prefix") / "ckpt"
+    shutil.copytree(tiny_checkpoint, out)
+    meta = CheckpointMeta.load(out)
+    meta.encoding = meta.encoding.model_copy(update={"mode": "prefix"})
+    rows = synthetic_rows(meta)
+    encoder = encoder_from_config(Tokenizer.from_file(str(out / TOKENIZER_FILE)), meta.encoding)
+    windows = [ws[0] for ws in pair_windows(encoder, [(p, q) for p, q, _ in rows])]
+    labels = torch.tensor([label for _, _, label in rows])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = BertForSequenceClassification.from_pretrained(out, **no_dropout).train()
+    backend = TorchBackend(model, encoder.pad_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = np.random.default_rng(0)
+    running = 0.7
+    for _step in range(300):
+        idx = generator.choice(len(rows), size=32, replace=False)
+        loss = torch.nn.functional.cross_entropy(backend.logits([windows[i] for i in idx]), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running = 0.8 * running + 0.2 * loss.item()
+        if running < 0.05:
+            break
+    torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    meta.recipe = {"stage": "test", "steps": _step + 1, "mode": "prefix"}
+    meta.save(out)
+    return out
+
+
+def test_prefix_export_int8_parity_size_and_engine(decisive_prefix_checkpoint: Path, tmp_path: Path) -> None:
+    """A prefix-mode checkpoint exports to one int8 graph that passes the gate against torch prefix mode."""
+    rows = synthetic_rows(CheckpointMeta.load(decisive_prefix_checkpoint))
+    int8 = export_checkpoint(decisive_prefix_checkpoint, tmp_path / "int8", "cpu-int8", val_rows=rows)
+    fp32 = export_checkpoint(decisive_prefix_checkpoint, tmp_path / "fp32", "cpu-fp32", val_rows=rows)
+    for m in (int8, fp32):
+        assert m.encoding.mode == "prefix" and m.kv_layout is not None and m.input_names == m.kv_layout.input_names()
+        assert m.parity["passed"] and m.parity["agreement"] >= 0.99 and m.metrics["macro"]["f1"] > 0.8
+    assert fp32.parity["max_abs_diff"] < 1e-4
+    assert int8.export["quantization"]["fp32_nodes"] == ["/layer.0/output/dense/MatMul", "/layer.1/output/dense/MatMul"]
+    assert (tmp_path / "int8" / MODEL_FILE).stat().st_size < 0.35 * (tmp_path / "fp32" / MODEL_FILE).stat().st_size
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE]
+
+
+def test_prefix_cuda_fp16_structure(decisive_prefix_checkpoint: Path, tmp_path: Path) -> None:
+    import onnx
+
+    rows = synthetic_rows(CheckpointMeta.load(decisive_prefix_checkpoint))[::4]
+    manifest = export_checkpoint(decisive_prefix_checkpoint, tmp_path / "cuda", "cuda-fp16", val_rows=rows)
+    model = onnx.load(str(tmp_path / "cuda" / MODEL_FILE))
+    assert manifest.export["structure"]["fp16_share"] >= 0.9 and manifest.parity["passed"]
+    float_io = [
+        v
+        for v in [*model.graph.input, *model.graph.output]
+        if v.name.startswith(("policy_k", "policy_v", "present", "logits"))
+    ]
+    assert float_io and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in float_io)  # keep_io_types

@@ -10,7 +10,6 @@ from training.prefix import (
     PrefixGraph,
     encode_policies,
     gather_rows,
-    graph_io_names,
     masked_forward,
     prefix_adapter,
     query_forward,
@@ -85,7 +84,10 @@ def test_prefix_graph_scores_and_encodes_policies(model: BertForSequenceClassifi
     logits, kv, p_ids, p_mask = _grouped(model)
     policies, queries, index = _case()
     graph = PrefixGraph(model).eval()
-    inputs, outputs = graph_io_names(2)
+    from export.manifest import KVLayout
+
+    layout = KVLayout(layers=2, heads=4, head_dim=8, max_policy_len=12)
+    inputs, outputs = layout.input_names(), layout.output_names()
     assert inputs[4:8] == ["policy_key_0", "policy_value_0", "policy_key_1", "policy_value_1"]
     assert outputs == ["logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
     q_ids, q_mask = _pad(queries)

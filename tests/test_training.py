@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from training.alice import alice_loss, perturbable_modules, project, sym_kl
+from training.alice import alice_loss, hf_runner, perturbable_modules, project, sym_kl
 from training.meta import CheckpointMeta
 from training.predict import load_checkpoint
 from training.train import TrainConfig, train
@@ -51,7 +51,8 @@ def test_alice_finite_differentiable_bounded(tiny_model: BertForSequenceClassifi
     for layer in range(layers):
         tiny_model.zero_grad()
         clean = tiny_model(**inputs).logits
-        out = alice_loss(tiny_model, inputs, labels, clean, layer=layer, eps=eps, sigma=1e-3, norm=norm)
+        run = hf_runner(tiny_model, inputs)
+        out = alice_loss(run, inputs["attention_mask"], labels, clean, layer=layer, eps=eps, sigma=1e-3, norm=norm)
         assert out.loss.dim() == 0 and torch.isfinite(out.loss)
         out.loss.backward()
         grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
@@ -138,6 +139,7 @@ def test_multitask_end_to_end_and_eval(tiny_checkpoint: Path, data_dir: Path, tm
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     loaded = CheckpointMeta.load(out)
     assert loaded.kind == "multitask" and loaded == meta
+    assert loaded.encoding.mode == "prefix" and loaded.recipe["mode"] == "prefix"  # the default
     names = {p.name for p in loaded.policies}
     assert {"prompt_injection", "content_safety"} <= names
     assert set(loaded.thresholds) == names and 0.0 < loaded.default_threshold < 1.0
@@ -166,6 +168,7 @@ def test_taskguard_end_to_end_is_reproducible(tiny_checkpoint: Path, data_dir: P
             tmp_path / f"tg{i}",
             kind="taskguard",
             policy="prompt_injection",
+            mode="full",
             mlm_weight=0.0,
             adv_weight=0.0,
             holdout=[],
@@ -175,6 +178,7 @@ def test_taskguard_end_to_end_is_reproducible(tiny_checkpoint: Path, data_dir: P
     ]
     metas = [train(c) for c in cfgs]
     assert metas[0].kind == "taskguard" and [p.name for p in metas[0].policies] == ["prompt_injection"]
+    assert metas[0].encoding.mode == "full"
     assert metas[0].thresholds == metas[1].thresholds
     from safetensors.torch import load_file
 
@@ -187,3 +191,37 @@ def test_unknown_policy_is_a_clear_error(tiny_checkpoint: Path, data_dir: Path, 
 
     with pytest.raises(DataError, match="not a known policy"):
         train(tiny_config(tiny_checkpoint, data_dir, tmp_path / "x", kind="taskguard", policy="nope"))
+
+
+def test_prefix_batches_group_rows_by_policy_text() -> None:
+    """A prefix-mode batch holds the rows of at most `policies_per_batch` texts, in length-sorted pieces."""
+    import random
+
+    from policies.instruction import Window
+    from training.corpus import Example
+    from training.train import policy_grouped_batches
+
+    rng = random.Random(0)
+    examples = [
+        Example(
+            policy=f"p{i % 5}", text="w " * (1 + (i * 7) % 30), label=i % 2, source="s", kind="native", split="train"
+        )
+        for i in range(100)
+    ]
+    texts = {f"p{i}": [f"p{i} canonical", f"p{i} paraphrase"] for i in range(5)}
+
+    def window(text: str, e: Example) -> Window:
+        return Window(input_ids=[1] * len(e.text.split()), token_type_ids=[1] * len(e.text.split()), char_start=0,
+                      char_end=len(e.text), policy=None)  # fmt: skip
+
+    chosen: list[str] = []
+
+    def choose(policy: str) -> str:
+        chosen.append(rng.choice(texts[policy]))
+        return chosen[-1]
+
+    batches = policy_grouped_batches(examples, choose, window, lambda e: len(e.text.split()), 16, 4, rng)
+    assert sorted(id(e) for b in batches for _, e in b) == sorted(id(e) for e in examples)  # each row once
+    assert all(len(b) <= 16 for b in batches) and sum(len(b) == 16 for b in batches) >= 4
+    assert all(len({e.policy for _, e in b}) <= 4 for b in batches)
+    assert len(chosen) == sum(-(-20 // 4) for _ in range(5))  # one text choice per piece of 4 rows

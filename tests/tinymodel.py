@@ -34,11 +34,13 @@ def make_tiny_checkpoint(
     name: str = "tiny",
     base_from: Path | None = None,
     noise: float = 0.0,
+    mode: str = "full",
 ) -> Path:
     """Write a tiny BERT sequence classifier with the MiniLM vocabulary and its meta file.
 
     With ``base_from``, start from that checkpoint's weights and add Gaussian noise of scale
-    ``noise`` (a stand-in for fine-tuning, so task vectors are non-zero).
+    ``noise`` (a stand-in for fine-tuning, so task vectors are non-zero). ``mode``: the encoding mode
+    recorded in the meta (``prefix`` checkpoints have the same weights, read by the prefix forward).
     """
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -74,7 +76,9 @@ def make_tiny_checkpoint(
         name=name,
         base_model="tiny-random-bert",
         policies=[PolicyRef.of(p) for p in registry],
-        encoding=EncodingConfig(max_length=max_length, max_policy_tokens=48, min_policy_tokens=24, window_overlap=16),
+        encoding=EncodingConfig(
+            max_length=max_length, max_policy_tokens=48, min_policy_tokens=24, window_overlap=16, mode=mode
+        ),
         thresholds={p.name: 0.5 for p in registry},
         default_threshold=0.5,
         data_sources=[DataSource(source="tests", license="Apache-2.0", policy="all", rows=0)],

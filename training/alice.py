@@ -5,18 +5,25 @@ states at layer ℓ, take the gradient of the label term plus the virtual (symme
 respect to δ, and move to δ = ε·g/‖g‖ (per example). The returned loss is
 ``CE(f(x; δ), y) + α·symKL(f(x), f(x; δ))``, differentiable in the model's parameters and bounded
 because ‖δ‖ ≤ ε.
+
+The forward is a ``Runner``: a function of a perturbation ``(layer, hidden) -> hidden`` returning
+logits. Full mode hooks the Hugging Face modules (``hf_runner``); prefix mode passes the perturbation to
+``training.prefix.query_forward``, which applies it to the query-side hidden states only (the policy
+states are shared by the batch's rows and never perturbed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Perturb = Callable[[int, torch.Tensor], torch.Tensor]
+Runner = Callable[[Perturb | None], torch.Tensor]
 
 
 def sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -39,20 +46,28 @@ def perturbable_modules(model: nn.Module) -> list[nn.Module]:
     return [embeddings, *list(layers)]
 
 
-@contextmanager
-def add_to_output(module: nn.Module, delta_fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Forward hook that adds ``delta_fn(hidden)`` to a module's (first) output."""
+def hf_runner(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Runner:
+    """Full mode: the Hugging Face forward, the perturbation added by forward hooks (0 = embeddings output)."""
+    modules = perturbable_modules(model)
 
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
-        if isinstance(out, tuple):
-            return (out[0] + delta_fn(out[0]), *out[1:])
-        return out + delta_fn(out)
+    def run(perturb: Perturb | None) -> torch.Tensor:
+        handles = []
+        if perturb is not None:
+            for layer, module in enumerate(modules):
 
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+                def hook(_m: nn.Module, _inp: Any, out: Any, layer: int = layer) -> Any:
+                    if isinstance(out, tuple):
+                        return (perturb(layer, out[0]), *out[1:])
+                    return perturb(layer, out)
+
+                handles.append(module.register_forward_hook(hook))
+        try:
+            return model(**inputs).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return run
 
 
 def project(grad: torch.Tensor, eps: float, norm: str = "l2") -> torch.Tensor:
@@ -72,8 +87,8 @@ class AliceOutput:
 
 
 def alice_loss(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
+    run: Runner,
+    mask: torch.Tensor,
     labels: torch.Tensor,
     clean_logits: torch.Tensor,
     layer: int,
@@ -82,24 +97,27 @@ def alice_loss(
     alpha: float = 1.0,
     norm: str = "l2",
 ) -> AliceOutput:
-    """ALICE++ loss for one batch with the perturbation at ``layer`` (0 = embeddings)."""
-    module = perturbable_modules(model)[layer]
+    """ALICE++ loss for one batch with the perturbation at ``layer`` (0 = embeddings); ``mask`` ``[B, L]`` marks
+    the perturbable (unpadded) positions of the perturbed hidden states."""
     clean = clean_logits.detach()
-    mask = inputs["attention_mask"].unsqueeze(-1).to(torch.float32)
+    weight = mask.unsqueeze(-1).to(torch.float32)
     state: dict[str, torch.Tensor] = {}
 
-    def init_delta(hidden: torch.Tensor) -> torch.Tensor:
-        delta = (torch.randn_like(hidden, dtype=torch.float32) * sigma * mask).requires_grad_(True)
+    def init_delta(at: int, hidden: torch.Tensor) -> torch.Tensor:
+        if at != layer:
+            return hidden
+        delta = (torch.randn_like(hidden, dtype=torch.float32) * sigma * weight).requires_grad_(True)
         state["delta"] = delta
-        return delta.to(hidden.dtype)
+        return hidden + delta.to(hidden.dtype)
 
-    with add_to_output(module, init_delta):
-        logits = model(**inputs).logits
+    logits = run(init_delta)
     probe = F.cross_entropy(logits.float(), labels) + alpha * sym_kl(clean, logits)
     (grad,) = torch.autograd.grad(probe, state["delta"])
-    delta = (project(grad, eps, norm) * mask).detach()
+    delta = (project(grad, eps, norm) * weight).detach()
 
-    with add_to_output(module, lambda hidden: delta.to(hidden.dtype)):
-        adv_logits = model(**inputs).logits
+    def add_delta(at: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + delta.to(hidden.dtype) if at == layer else hidden
+
+    adv_logits = run(add_delta)
     loss = F.cross_entropy(adv_logits.float(), labels) + alpha * sym_kl(clean, adv_logits)
     return AliceOutput(loss=loss, delta=delta, layer=layer)

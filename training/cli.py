@@ -24,6 +24,14 @@ def _common(p: argparse.ArgumentParser, out: str, minutes: float, epochs: int) -
     p.add_argument("--mlm-weight", type=float, default=None, help="λ_mlm (0 disables MLM)")
     p.add_argument("--adv-weight", type=float, default=None, help="λ_adv for ALICE++ (0 disables it)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on CPUs with AMX)")
+    p.add_argument(
+        "--mode",
+        choices=("prefix", "full"),
+        default="prefix",
+        help="prefix: each policy text is encoded once and only the prompt reads it (fast; the default); "
+        "full: every token attends to every token (the 0.2.0 model's recipe)",
+    )
+    p.add_argument("--policies-per-batch", type=int, default=None, help="prefix mode: policy texts per batch")
 
 
 def register(sub: Any) -> None:
@@ -98,6 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "threads": args.threads,
         "bf16": args.bf16,
+        "mode": args.mode,
     }
     if args.kind == "taskguard" and args.out == Path("runs/taskguard"):
         values["out"] = Path(f"runs/taskguard-{args.policy}")
@@ -105,7 +114,15 @@ def run_train(args: argparse.Namespace) -> int:
         values.update(adv_weight=0.0, mlm_weight=0.0, holdout=[])
     if args.kind == "multitask" and args.holdout is not None:
         values["holdout"] = args.holdout
-    for key in ("examples_per_epoch", "batch_size", "lr", "eval_every", "mlm_weight", "adv_weight"):
+    for key in (
+        "examples_per_epoch",
+        "batch_size",
+        "lr",
+        "eval_every",
+        "mlm_weight",
+        "adv_weight",
+        "policies_per_batch",
+    ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     try:

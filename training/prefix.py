@@ -27,19 +27,102 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MASKED = -10000.0  # additive attention bias of a masked key: exp() underflows to exactly 0, finite in fp16
 Perturb = Callable[[int, torch.Tensor], torch.Tensor]  # (layer index, query hidden states) -> perturbed states
 
 
-class BertPrefix(nn.Module):
-    """The architecture adapter for BERT encoders (MiniLM, multilingual-e5): the model's own modules, no new
-    parameters. An adapter gives embeddings, per-layer query/key/value projections, the rest of a layer after
-    attention, the attention bias of its position scheme (none for BERT's absolute positions) and the head.
-    An MPNet adapter would add its relative position bias in ``position_bias``."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+    """Scaled dot-product attention with an additive bias, ``[B, heads, L, head_dim]`` -> ``[B, L, hidden]``.
 
-    bert: Any  # the Hugging Face modules (typed loosely: their attributes are looked up dynamically)
+    torch's fused kernel (with the attention dropout when the model trains); under ONNX export the plain product
+    (MatMul, Softmax: what ONNX Runtime runs and quantises well)."""
+    if torch.onnx.is_in_onnx_export():
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+    else:
+        p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
+    ctx = ctx.transpose(1, 2)
+    return ctx.reshape(ctx.shape[0], ctx.shape[1], ctx.shape[2] * ctx.shape[3])
+
+
+class _SelfAttention(nn.Module):
+    """The query/key/value projections of a Hugging Face ``BertSelfAttention`` (its own Linear modules)."""
+
+    def __init__(self, hf: Any, heads: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value, self.dropout = hf.query, hf.key, hf.value, hf.dropout
+        self.heads = heads
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, width = x.shape
+        return x.view(b, n, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._split(self.query(h)), self._split(self.key(h)), self._split(self.value(h))
+
+
+class _Attention(nn.Module):
+    """Self-attention whose keys/values may be prefixed by another segment's (``past``), then the output projection."""
+
+    def __init__(self, hf: Any, heads: int) -> None:
+        super().__init__()
+        self.add_module("self", _SelfAttention(hf.self, heads))  # the Hugging Face name: attention.self.query ...
+        self.output = hf.output
+
+    def forward(
+        self, h: torch.Tensor, bias: torch.Tensor, past_k: torch.Tensor | None, past_v: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        projections: Any = self._modules["self"]
+        q, k, v = projections(h)
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        return self.output(attend(q, keys, values, bias, projections.dropout), h), k, v
+
+
+class _Layer(nn.Module):
+    def __init__(self, hf: Any, heads: int) -> None:
+        super().__init__()
+        self.attention = _Attention(hf.attention, heads)
+        self.intermediate, self.output = hf.intermediate, hf.output
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        bias: torch.Tensor,
+        past_k: torch.Tensor | None = None,
+        past_v: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, k, v = self.attention(h, bias, past_k, past_v)
+        return self.output(self.intermediate(a), a), k, v
+
+
+class _Encoder(nn.Module):
+    def __init__(self, hf: Any, heads: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(_Layer(block, heads) for block in hf.layer)
+
+
+class _Bert(nn.Module):
+    def __init__(self, hf: Any, heads: int) -> None:
+        super().__init__()
+        self.embeddings = hf.embeddings
+        self.encoder = _Encoder(hf.encoder, heads)
+        self.pooler = hf.pooler
+
+
+class BertPrefix(nn.Module):
+    """The architecture adapter for BERT encoders (MiniLM, multilingual-e5): a module tree over the model's own
+    modules under the Hugging Face names (``bert.encoder.layer.N.attention.self.query``, ``...output.dense``,
+    ``classifier``), so state dicts are interchangeable and exported node names match (the int8 export keeps
+    ``/layer.N/output/dense/MatMul`` in fp32 by name). No new parameters. An adapter gives embeddings, a layer
+    with optional prefix keys/values, and the head; an MPNet adapter would add its relative position bias to the
+    attention bias."""
+
+    bert: Any
     dropout: Any
     classifier: Any
 
@@ -48,41 +131,26 @@ class BertPrefix(nn.Module):
         config = model.config
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"prefix mode supports absolute positions, not {config.position_embedding_type!r}")
-        # Registered under the Hugging Face names ("bert.*", "classifier.*"): state dicts are interchangeable.
-        self.bert = model.bert
-        self.dropout = model.dropout
-        self.classifier = model.classifier
         self.n_layers = int(config.num_hidden_layers)
         self.n_heads = int(config.num_attention_heads)
         self.head_dim = int(config.hidden_size) // self.n_heads
+        self.bert = _Bert(model.bert, self.n_heads)
+        self.dropout = model.dropout
+        self.classifier = model.classifier
 
     def embed(self, ids: torch.Tensor, types: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.bert.embeddings(input_ids=ids, token_type_ids=types, position_ids=positions)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-
-    def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of layer ``layer``: ``[B, heads, L, head_dim]`` each."""
-        attn = self.bert.encoder.layer[layer].attention.self
-        return self._heads(attn.query(h)), self._heads(attn.key(h)), self._heads(attn.value(h))
-
-    def position_bias(self, layer: int, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
-        return None  # absolute position embeddings: no bias in the attention scores
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Scaled dot-product attention with an additive bias; the context as ``[B, L, hidden]``."""
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
-        probs = self.bert.encoder.layer[layer].attention.self.dropout(torch.softmax(scores, dim=-1))
-        ctx = torch.matmul(probs, v).transpose(1, 2)
-        return ctx.reshape(ctx.shape[0], ctx.shape[1], self.n_heads * self.head_dim)
-
-    def finish(self, layer: int, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The rest of the layer: attention output projection + LayerNorm, feed-forward + LayerNorm."""
-        block = self.bert.encoder.layer[layer]
-        a = block.attention.output(ctx, h)
-        return block.output(block.intermediate(a), a)
+    def layer(
+        self,
+        index: int,
+        h: torch.Tensor,
+        bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder layer ``index``: new hidden states and this segment's own (keys, values) ``[B, heads, L, hd]``."""
+        block = self.bert.encoder.layer[index]
+        return block(h, bias, *(past if past is not None else (None, None)))
 
     def head(self, pooled_tokens: torch.Tensor) -> torch.Tensor:
         """Logits from the mean of the query segment's hidden states: pooler dense + tanh, dropout, classifier."""
@@ -125,10 +193,7 @@ def encode_policies(
     bias = key_bias(mask)
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in range(adapter.n_layers):
-        q, k, v = adapter.qkv(layer, h)
-        pos = adapter.position_bias(layer, positions, positions)
-        ctx = adapter.attend(layer, q, k, v, bias if pos is None else bias + pos)
-        h = adapter.finish(layer, ctx, h)
+        h, k, v = adapter.layer(layer, h, bias)
         kv.append((k, v))
     return kv
 
@@ -160,14 +225,38 @@ def query_forward(
         h = perturb(0, h)
     bias = torch.cat([key_bias(rows_policy_mask), key_bias(mask)], dim=-1)
     present: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for layer, (pk, pv) in enumerate(rows_kv):
-        q, k, v = adapter.qkv(layer, h)
-        ctx = adapter.attend(layer, q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), bias)
-        h = adapter.finish(layer, ctx, h)
+    for layer, past in enumerate(rows_kv):
+        h, k, v = adapter.layer(layer, h, bias, past)
         if perturb is not None:
             h = perturb(layer + 1, h)
         present.append((k, v))
     return adapter.head(mean_pool(h, mask)), present
+
+
+def batch_logits(
+    adapter: BertPrefix,
+    query: dict[str, torch.Tensor],
+    segments: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    perturb: Perturb | None = None,
+) -> torch.Tensor:
+    """Logits of a padded prefix-mode batch (``scoring.core.pad_windows`` of the windows and of their distinct
+    policy segments, ``index`` = each row's segment). ``kv``: the segments' keys/values when already encoded (the
+    ALICE++ passes of a training step reuse them)."""
+    if kv is None:
+        kv = encode_policies(adapter, segments["input_ids"], segments["token_type_ids"], segments["attention_mask"])
+    logits, _ = query_forward(
+        adapter,
+        query["input_ids"],
+        query["token_type_ids"],
+        query["position_ids"],
+        query["attention_mask"],
+        gather_rows(kv, index),
+        segments["attention_mask"].index_select(0, index),
+        perturb,
+    )
+    return logits
 
 
 def masked_forward(
@@ -184,17 +273,8 @@ def masked_forward(
     bias = ((~visible).to(torch.float32) * MASKED)[:, None, :, :]
     h = adapter.embed(ids, types, positions)
     for layer in range(adapter.n_layers):
-        q, k, v = adapter.qkv(layer, h)
-        h = adapter.finish(layer, adapter.attend(layer, q, k, v, bias), h)
+        h, _, _ = adapter.layer(layer, h, bias)
     return adapter.head(mean_pool(h, mask * (~is_policy.bool()).to(mask.dtype)))
-
-
-def graph_io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    """The exported prefix graph's input and output names (per-layer policy keys/values: see ``PrefixGraph``)."""
-    policy = [f"policy_{kind}_{layer}" for layer in range(n_layers) for kind in ("key", "value")]
-    present = [f"present_{kind}_{layer}" for layer in range(n_layers) for kind in ("key", "value")]
-    inputs = ["input_ids", "token_type_ids", "position_ids", "attention_mask", *policy, "policy_mask", "policy_index"]
-    return inputs, ["logits", *present]
 
 
 class PrefixGraph(nn.Module):
