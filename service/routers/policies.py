@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from policies.registry import group_of
 from policies.schema import Policy
 from service.app import AppState
 from service.classifier import registry_threshold
@@ -32,12 +33,18 @@ def _info(policy: Policy, state: AppState) -> PolicyInfo:
         threshold=threshold,
         enabled_by_default=policy.enabled_by_default,
         known_to_model=known,
+        group=group_of(policy),
+        category_group=policy.category_group,
+        response=policy.response,
     )
 
 
-@router.get("/policies", response_model=PolicyList, summary="The registry's policies")
+@router.get("/policies", response_model=PolicyList, summary="The registry's policies, and their groups")
 async def list_policies(state: Annotated[AppState, Depends(get_state)]) -> PolicyList:
-    return PolicyList(policies=[_info(p, state) for p in state.registry])
+    """Every policy, in registry order, and the groups a request may name in `policies` (defaults, categories,
+    custom)."""
+    registry = state.registry
+    return PolicyList(policies=[_info(p, state) for p in registry], groups=registry.groups)
 
 
 @router.get(
