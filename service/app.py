@@ -26,7 +26,7 @@ from policies.registry import PolicyError, PolicyRegistry
 from service.batcher import DynamicBatcher
 from service.cache import NullCache, ScoreCache, make_cache
 from service.classifier import Classifier, ResolvedPolicy, resolve_registry
-from service.config import PROBE_PATHS, Settings, load_settings
+from service.config import PLAYGROUND_PATHS, PROBE_PATHS, Settings, load_settings
 from service.engine import OnnxEngine
 from service.errors import BodyError, ServiceError, error_response, install_error_handlers
 from service.logs import new_request_id, request_id_var
@@ -218,12 +218,14 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(_Edge, state=state)
 
-    from service.routers import admin, classify, ops, policies
+    from service.routers import admin, classify, ops, playground, policies
 
     app.include_router(classify.router)
     app.include_router(policies.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
+    if settings.playground:
+        app.include_router(playground.router)
     _describe_auth(app, settings)
     return app
 
@@ -324,7 +326,8 @@ class _Edge:
         """An error response to send instead of running the app, or None."""
         s = self.state.settings
         path, method = scope.get("path", ""), scope.get("method", "")
-        needs_key = bool(s.api_key_hashes) and path not in s.public_paths
+        public = path in s.public_paths or (s.playground and path in PLAYGROUND_PATHS)
+        needs_key = bool(s.api_key_hashes) and not public
         if needs_key and not key_matches(bearer_token(headers.get("authorization")), s.api_key_hashes):
             self.state.metrics.auth_failures.inc()
             return error_response(

@@ -21,6 +21,10 @@ DEFAULT_MODEL_DIR = Path("models/uniguard-minilm")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PublicPath = Literal["/healthz", "/readyz", "/metrics", "/version", "/docs", "/openapi.json"]
 PROBE_PATHS: tuple[PublicPath, ...] = ("/healthz", "/readyz", "/metrics")
+# The playground page and its files: no API key needed (the page's own API calls send one).
+PLAYGROUND_PATHS = frozenset(
+    {"/", "/playground/playground.js", "/playground/playground.css", "/playground/favicon.svg"}
+)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -109,6 +113,7 @@ class Settings(BaseSettings):
     fail_mode: Literal["closed", "open"] = Field(
         default="closed", description="closed: errors when it cannot classify; open: answer safe, marked degraded"
     )
+    playground: bool = Field(default=True, description="serve the playground page at / (false: 404)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
 
     @field_validator("policy_dirs", "api_key_hashes", "public_paths", mode="before")
