@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 RUNS ?= runs
 
-.PHONY: serve test model lint venv serve-deps dev-deps redis helm clean
+.PHONY: serve test model lint venv serve-deps dev-deps redis chromium helm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,14 @@ serve: serve-deps
 redis:
 	@bash scripts/ensure_redis.sh
 
+# Headless Chromium and its WebDriver for the playground's browser test (Debian packages, apt-get when missing).
+chromium:
+	@bash scripts/ensure_chromium.sh
+
 helm:
 	@bash scripts/get_helm.sh
 
-test: dev-deps redis
+test: dev-deps redis chromium
 	$(BIN)/python -m pytest -q
 
 # Rebuild the shipped default model end to end (train -> merge -> export cpu-int8).

@@ -123,6 +123,7 @@ def test_validator_catches_a_broken_manifest(default_docs: list[dict[str, Any]])
         (["--set-string", "replicaCount=two"], "/replicaCount"),
         (["--set", "config.provider=tpu"], "/config/provider"),
         (["--set", "config.failMode=maybe"], "/config/failMode"),
+        (["--set-string", "config.playground=yes"], "/config/playground"),
         (["--set", "apiKeys.enabled=true", "--set", "apiKeys.hashes[0]=not-a-sha256"], "/apiKeys/hashes/0"),
         (["--set", "redis.url=http://cache:6379"], "/redis/url"),
         (["--set", "replicas=3"], "replicas"),
@@ -130,7 +131,18 @@ def test_validator_catches_a_broken_manifest(default_docs: list[dict[str, Any]])
         (["--set", "config.extra.port=9000"], "config.extra.port"),
         (["--set", "apiKeys.enabled=true"], "apiKeys.enabled is true but"),
     ],
-    ids=["replicas-str", "provider", "fail-mode", "key-hash", "redis-url", "unknown-key", "grace", "extra", "keys"],
+    ids=[
+        "replicas-str",
+        "provider",
+        "fail-mode",
+        "playground",
+        "key-hash",
+        "redis-url",
+        "unknown-key",
+        "grace",
+        "extra",
+        "keys",
+    ],
 )
 def test_bad_values_fail_to_render(helm: Path, args: list[str], message: str) -> None:
     proc = _helm(helm, "template", "rel", str(CHART), *args)
@@ -201,6 +213,7 @@ def test_rendered_env_is_accepted_by_the_service_settings(
     settings = load_settings()
     assert settings.host == "0.0.0.0"
     assert settings.request_timeout_s == float(env["UNIGUARD_REQUEST_TIMEOUT_S"])
+    assert settings.playground is (which != "full_docs")  # on by default; full-values switches it off
     if which == "full_docs":
         assert settings.provider == "cuda"
         assert [str(p) for p in settings.policy_dirs] == ["/app/policies/custom"]
