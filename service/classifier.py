@@ -161,17 +161,8 @@ def resolve_policies(
             )
         if not 0.0 <= value <= 1.0:
             raise ServiceError(422, "invalid_threshold", "thresholds must lie in [0, 1]", field=f"thresholds.{name}")
-    if not request.thresholds:
-        return out
-    overrides = request.thresholds
-    return [
-        replace(
-            p,
-            threshold=overrides.get(p.name, p.threshold),
-            categories=tuple(replace(c, threshold=overrides.get(c.name, c.threshold)) for c in p.categories),
-        )
-        for p in out
-    ]
+    # (a category's override only exists when the request applies it; _categorise then reuses that verdict)
+    return [replace(p, threshold=request.thresholds[p.name]) if p.name in request.thresholds else p for p in out]
 
 
 def check_texts(texts: list[str], settings: Settings) -> None:
