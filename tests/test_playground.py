@@ -173,7 +173,22 @@ def test_the_playground_in_a_browser(server: str, browser: Any) -> None:
     assert shown == ("categories: " + ", ".join(categories) if categories else "categories: none over threshold")
     check("content_safety", False)
 
-    # 3. an inline policy with its own reply
+    # 3. a long text as one prompt: the window that scored highest is shown as the span the API names
+    long_text = " ".join(f"line {i}: the quarterly report is due on friday." for i in range(60))
+    find(By.ID, "per-line").click()
+    check("toxicity", True)
+    type_into("prompts", long_text)
+    submit()
+    span = _classify(server, {"input": long_text, "policies": ["toxicity"]})["results"][0]["policies"]["toxicity"]
+    assert span["span"] is not None
+    shown = find(By.CSS_SELECTOR, 'tr[data-policy="toxicity"] .span')
+    assert shown.text.startswith(f"chars {span['span']['start']}–{span['span']['end']}: ")
+    marked = shown.find_element(By.TAG_NAME, "mark").text.removesuffix("…")
+    assert long_text[span["span"]["start"] :].startswith(marked)
+    find(By.ID, "per-line").click()
+    check("toxicity", False)
+
+    # 4. an inline policy with its own reply
     find(By.CSS_SELECTOR, "#inline summary").click()
     find(By.ID, "inline-on").click()
     type_into("inline-name", "competitor_mentions")
@@ -187,7 +202,7 @@ def test_the_playground_in_a_browser(server: str, browser: Any) -> None:
     assert card.find_element(By.CSS_SELECTOR, '.verdict[data-policy="competitor_mentions"]').text == "unsafe"
     assert card.find_element(By.CSS_SELECTOR, ".reply-text").text == "Ask me about competitor mentions elsewhere."
 
-    # 4. a bad request: the API's 422 body, rendered as returned
+    # 5. a bad request: the API's 422 body, rendered as returned
     type_into("inline-description", "short")
     submit()
     assert find(By.ID, "error").is_displayed()
