@@ -61,7 +61,22 @@ def register(sub: Any) -> None:
     rows.add_argument("--data", type=Path, help="shared JSONL data folder")
     rows.add_argument("--out", type=Path, required=True, help="folder for rows.jsonl and policies/")
     rows.set_defaults(func=run_data_evalset)
+    summ = dsub.add_parser("summary", help="Markdown table of a source-held-out `uniguard eval --json` report")
+    summ.add_argument("report", type=Path, help="eval JSON of a sho split (uniguard data evalset + uniguard eval)")
+    summ.add_argument("--heldout", type=Path, help="eval JSON of the hand-written held-out set (F1 where no source)")
+    summ.set_defaults(func=run_data_summary)
     data.set_defaults(func=lambda a: data.print_help() or 2)
+
+
+def run_data_summary(args: argparse.Namespace) -> int:
+    import json
+
+    from training.evalsets import summarise_eval
+
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    heldout = json.loads(args.heldout.read_text(encoding="utf-8")) if args.heldout else None
+    print(summarise_eval(report, heldout))
+    return 0
 
 
 def run_data_report(args: argparse.Namespace) -> int:
