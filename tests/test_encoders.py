@@ -295,7 +295,16 @@ def test_prepare_builds_once_and_reuses(tmp_path: Path, monkeypatch: pytest.Monk
     assert stamp is not None and stamp["packages"] == {"numpy": importlib.metadata.version("numpy")}
     encoders.prepare("fake", force=True)
     assert len(calls) == 2
-    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert not [p for p in first.parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # no staging folder left
+
+    def broken(out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        raise EncoderError("converter failed")
+
+    monkeypatch.setitem(encoders.BUILDERS, "fake", broken)
+    with pytest.raises(EncoderError, match="converter failed"):
+        encoders.prepare("fake", cache=tmp_path / "other")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == [".fake.lock"]  # nothing half-built
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(EncoderError, match="not a base-encoder build"):

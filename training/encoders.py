@@ -20,6 +20,7 @@ stamp naming the packages and versions they were built from; a later call with t
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -153,14 +154,24 @@ def prepare(name: str, out: Path | None = None, cache: Path | None = None, force
         return minilm_dir()
     target = Path(out) if out is not None else cache_dir(cache) / name
     stamp = {"name": spec.name, "model": spec.model, "packages": versions, "converter": CONVERTER_VERSION}
-    if not force and read_stamp(target) == stamp and (target / "config.json").is_file():
-        log.info("base encoder %s: reusing %s", name, target)
-        return target
-    if target.exists() and any(target.iterdir()) and read_stamp(target) is None:
-        raise EncoderError(
-            f"{target} exists and is not a base-encoder build ({STAMP_FILE} missing); choose another --out"
-        )
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per folder: a second process (two trainings started together) waits, then reuses it.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and read_stamp(target) == stamp and (target / "config.json").is_file():
+            log.info("base encoder %s: reusing %s", name, target)
+            return target
+        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and read_stamp(target) is None)):
+            raise EncoderError(
+                f"{target} exists and is not a base-encoder build ({STAMP_FILE} missing); choose another --out"
+            )
+        _build(name, spec, stamp, target)
+    log.info("base encoder %s ready in %s", name, target)
+    return target
+
+
+def _build(name: str, spec: EncoderSpec, stamp: dict[str, Any], target: Path) -> None:
+    """Build into a staging folder beside ``target``, then swap it in (a failed build leaves nothing behind)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)
     try:
@@ -173,8 +184,6 @@ def prepare(name: str, out: Path | None = None, cache: Path | None = None, force
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log.info("base encoder %s ready in %s", name, target)
-    return target
 
 
 def resolve_base(base: Path | str | None, cache: Path | None = None) -> Path:
