@@ -8,7 +8,7 @@ from typing import Any
 
 
 def _common(p: argparse.ArgumentParser, out: str, minutes: float, epochs: int) -> None:
-    p.add_argument("--base", type=Path, help="Hugging Face encoder folder (default: all-MiniLM-L6-v2 package)")
+    p.add_argument("--base", type=Path, help="Hugging Face folder or named encoder: minilm (default), e5-small, mpnet")
     p.add_argument("--data", type=Path, help="shared JSONL data folder (default: $UNIGUARD_DATA_DIR or ../shared/data)")
     p.add_argument("--extra-data", type=Path, nargs="*", default=[], help="more JSONL files or folders")
     p.add_argument("--policies", type=Path, nargs="*", default=[], dest="policy_dirs", help="extra policy folders")
@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
     _common(multi, "runs/multitask", 25.0, 2)
     multi.set_defaults(func=run_train, kind="multitask", policy=None)
     train.set_defaults(func=lambda a: train.print_help() or 2)
+    from training.encoders_cli import register as register_encoders
+
+    register_encoders(sub)  # encoders
 
     data = sub.add_parser("data", help="data reports and evaluation sets", description="Inspect the training data.")
     dsub = data.add_subparsers(dest="data_kind", metavar="KIND")
