@@ -36,11 +36,12 @@ async def test_page_and_files_are_served_with_their_policy(tiny_model_dir: Path,
         assert not re.search(r"<script(?![^>]*\bsrc=)", html) and "<style" not in html and " style=" not in html
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
         for name, media_type in ASSETS.items():
-            assert f"/playground/{name}" in html
+            assert f'="playground/{name}"' in html  # relative: the page also works under a path prefix
             r = await client.get(f"/playground/{name}")
             assert r.status_code == 200 and r.headers["content-type"].startswith(media_type.split(";")[0])
         js = (await client.get("/playground/playground.js")).text
-        assert '"/classify"' in js and "innerHTML" not in js  # the public API only; texts inserted as text
+        assert 'fetch("classify"' in js and "innerHTML" not in js  # the public API only; texts inserted as text
+        assert set(re.findall(r'fetch\("([^"]+)"', js)) == {"policies", "version", "classify"}
         assert (await client.get("/playground/../app.py")).status_code == 404
         assert (await client.get("/playground/index.html")).status_code == 404
         assert "/" not in (await client.get("/openapi.json")).json()["paths"]

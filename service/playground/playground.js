@@ -1,5 +1,6 @@
 // UniGuard playground: builds a /classify request from the form, sends it to the public API, renders the answer.
-// No framework, no build step; every text from the user or the server is inserted as text, never as HTML.
+// No framework, no build step; every text from the user or the server is inserted as text, never as HTML. URLs are
+// relative to the page, so the page also works behind a reverse proxy that serves the API under a path prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -41,7 +42,7 @@ async function loadPolicies() {
   const box = $("policies");
   let response;
   try {
-    response = await fetch("/policies", { headers: headers(false) });
+    response = await fetch("policies", { headers: headers(false) });
   } catch (err) {
     box.replaceChildren(el("p", { class: "bad", text: "cannot reach the service: " + err }));
     return;
@@ -158,7 +159,7 @@ async function classify() {
   $("classify").disabled = true;
   const started = performance.now();
   try {
-    const response = await fetch("/classify", { method: "POST", headers: headers(true), body: JSON.stringify(request) });
+    const response = await fetch("classify", { method: "POST", headers: headers(true), body: JSON.stringify(request) });
     const body = await readBody(response);
     const roundTrip = performance.now() - started;
     if (!response.ok) {
@@ -246,7 +247,7 @@ function renderResults(request, body, roundTrip) {
 
 async function loadModel() {
   try {
-    const response = await fetch("/version", { headers: headers(false) });
+    const response = await fetch("version", { headers: headers(false) });
     if (response.ok) {
       const v = await response.json();
       $("model").textContent = `model: ${v.model || "not loaded"} · service ${v.service}`;
