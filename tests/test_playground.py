@@ -14,6 +14,7 @@ import pytest
 
 from policies.registry import PolicyRegistry
 from service.bench import _free_port, start_server, stop_server, wait_ready
+from service.config import PLAYGROUND_PATHS
 from service.engine import OnnxEngine
 from service.routers.playground import ASSETS, CONTENT_SECURITY_POLICY
 from tests.browser_support import chromium, missing_browser
@@ -35,6 +36,7 @@ async def test_page_and_files_are_served_with_their_policy(tiny_model_dir: Path,
         # no inline script or style, nothing from another host: the policy above would block it
         assert not re.search(r"<script(?![^>]*\bsrc=)", html) and "<style" not in html and " style=" not in html
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
+        assert {"/", *(f"/playground/{name}" for name in ASSETS)} == PLAYGROUND_PATHS  # the paths open without a key
         for name, media_type in ASSETS.items():
             assert f'="playground/{name}"' in html  # relative: the page also works under a path prefix
             r = await client.get(f"/playground/{name}")
