@@ -22,7 +22,7 @@ async def test_flood_of_20x_the_queue_is_bounded(tiny_model_dir: Path, tiny_engi
     flood = 20 * MAX_QUEUE
     async with running_app(settings, lambda s: slow) as (app, client):  # type: ignore[arg-type,return-value]
         state = app.state.uniguard
-        batcher = state.batcher
+        batcher = state.guard.batcher
         deepest = {"depth": 0}
         gauge = state.metrics.queue_depth
         set_depth = gauge.set

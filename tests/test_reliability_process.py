@@ -166,6 +166,7 @@ def test_sigterm_drains_in_flight_requests_and_logs_are_json_without_prompts(
         "UNIGUARD_MAX_WAIT_MS": "0",
         "UNIGUARD_CACHE_MAX_ENTRIES": "0",
         "UNIGUARD_MAX_QUEUE": "100000",
+        "UNIGUARD_ADMIN_ENABLED": "true",
     }
     with _server(tiny_model_dir, log, **settings) as (proc, url):
         client = httpx.Client(base_url=url, timeout=30)

@@ -1,0 +1,232 @@
+"""Issue 17 against real `uniguard serve` processes: slow clients (stalled bodies and headers), cost-aware admission
+(413/429 at once), fair scheduling (a small request next to a huge one), readiness under saturation, strict
+request types, and /docs without a network. The figures are printed (pytest -s) for docs/RESULTS.md."""
+
+from __future__ import annotations
+
+import re
+import selectors
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.localserver import HOST, LocalServer
+
+STALLED = 600
+BODY_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """One server for the slow-client, admission, readiness, strictness and docs checks. The engine speed is fixed
+    so the admission budget is known: 40,000 tokens/s x 2 s deadline x 0.5 = 40,000 model tokens."""
+    settings = {
+        "UNIGUARD_REDIS_URL": "",
+        "UNIGUARD_WARMUP_BATCHES": "1",
+        "UNIGUARD_LOG_LEVEL": "warning",
+        "UNIGUARD_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "UNIGUARD_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "UNIGUARD_ENGINE_TOKENS_PER_S": "40000",
+        "UNIGUARD_REQUEST_TIMEOUT_S": "2",
+        "UNIGUARD_READINESS_GRACE_S": "0.5",
+        "UNIGUARD_CACHE_MAX_ENTRIES": "0",
+    }
+    log = tmp_path_factory.mktemp("guarded") / "serve.log"
+    with LocalServer(tiny_model_dir, settings=settings, log_path=log, inherit_settings=False) as server:
+        yield server
+
+
+def _open_stalled(port: int, count: int, payload: bytes) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection((HOST, port), timeout=5)
+        s.sendall(payload)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def _wait_closed(socks: list[socket.socket], started: float, timeout_s: float) -> tuple[list[float], list[bytes]]:
+    """Seconds from ``started`` until the server closed each socket, and what it sent before closing."""
+    selector = selectors.DefaultSelector()
+    received = {s.fileno(): b"" for s in socks}
+    for s in socks:
+        selector.register(s, selectors.EVENT_READ)
+    closed: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    while len(closed) < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.2):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, BlockingIOError):
+                data = b""
+            if data:
+                received[sock.fileno()] += data
+                continue
+            closed.append(time.monotonic() - started)
+            selector.unregister(sock)
+    replies = list(received.values())
+    for s in socks:
+        s.close()
+    return closed, replies
+
+
+def test_stalled_bodies_and_headers_neither_lock_out_nor_linger(guarded: LocalServer) -> None:
+    stalled_body = (
+        b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"input":'  # 9 bytes of a declared 1000, then nothing
+    )
+    started = time.monotonic()
+    bodies = _open_stalled(guarded.port, STALLED, stalled_body)
+    headers = _open_stalled(guarded.port, 50, b"POST /classify HTTP/1.1\r\nHost: loc")  # slowloris: headers never end
+    opened = time.monotonic() - started
+
+    t0 = time.monotonic()
+    r = httpx.post(guarded.url + "/classify", json={"input": "hello there", "policies": ["toxicity"]}, timeout=2)
+    normal_s = time.monotonic() - t0
+    assert r.status_code == 200 and normal_s < 2.0, (r.status_code, normal_s)
+    assert httpx.get(guarded.url + "/policies", timeout=2).status_code == 200
+
+    closed, replies = _wait_closed(bodies + headers, started, timeout_s=BODY_TIMEOUT_S + opened + 5)
+    assert len(closed) == STALLED + 50, f"only {len(closed)} of {STALLED + 50} stalled sockets were closed"
+    slack = 1.5
+    assert max(closed) <= opened + max(BODY_TIMEOUT_S, HEADER_TIMEOUT_S) + slack, max(closed)
+    assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), {reply[:40] for reply in replies}
+    assert all(b"request_timeout" in reply for reply in replies)
+    metrics = guarded.metrics()
+    assert metrics["uniguard_client_timeouts_total"] >= STALLED
+    assert metrics["uniguard_inflight_requests"] == 0
+    print(
+        f"\n{STALLED} stalled-body + 50 stalled-header sockets (opened in {opened:.2f} s): /classify answered 200 in "
+        f"{normal_s * 1000:.0f} ms; all closed with 408 after {min(closed):.2f}-{max(closed):.2f} s "
+        f"(deadlines {BODY_TIMEOUT_S:g} s / {HEADER_TIMEOUT_S:g} s)"
+    )
+
+
+def test_costly_requests_are_refused_at_once_and_types_are_strict(guarded: LocalServer) -> None:
+    huge = {"input": [f"{i} " + "lorem ipsum dolor " * 830 for i in range(64)]}  # 64 x 15k characters, 5 policies
+    with httpx.Client(base_url=guarded.url, timeout=10) as client:
+        client.post("/classify", json={"input": "warm"})  # the connection and the code paths are warm
+        timings = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = client.post("/classify", json=huge)
+            timings.append(time.monotonic() - t0)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_costly", r.text[:300]
+        assert min(timings) < 0.1, timings
+        # strict types: no coercion of booleans or strings into thresholds
+        for value in (True, "0.5"):
+            r = client.post(
+                "/classify", json={"input": "hi", "policies": ["toxicity"], "thresholds": {"toxicity": value}}
+            )
+            assert r.status_code == 422 and r.json()["error"]["field"] == "thresholds.toxicity", r.text
+    print(f"\n917 KB request (64 x 15k chars x 5 policies): 413 in {min(timings) * 1000:.1f} ms (best of 3)")
+
+
+def test_readyz_turns_503_while_saturated_and_200_after(guarded: LocalServer) -> None:
+    # each request: 8 texts x ~1000 characters x 5 policies, about 30k estimated tokens of a 40k budget: two at once
+    # do not fit, so concurrent senders get 429s and the service is saturated
+    body = {"input": [f"{i} " + "the quick brown fox jumps " * 40 for i in range(8)]}
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def send() -> None:
+        with httpx.Client(base_url=guarded.url, timeout=10) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/classify", json=body).status_code)
+
+    assert httpx.get(guarded.url + "/readyz").status_code == 200
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    ready_codes = []
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            r = httpx.get(guarded.url + "/readyz", timeout=2)
+            ready_codes.append(r.status_code)
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "saturated", r.text
+                break
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert 503 in ready_codes, (ready_codes[-5:], sorted(set(statuses)))
+    assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}, sorted(set(statuses))
+    t0 = time.monotonic()
+    while httpx.get(guarded.url + "/readyz").status_code != 200:
+        assert time.monotonic() - t0 < 10, "/readyz stayed 503 after the load stopped"
+        time.sleep(0.1)
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+    print(f"\n/readyz 503 under saturation, 200 again {time.monotonic() - t0:.2f} s after the load stopped")
+
+
+def test_docs_are_served_without_a_network(guarded: LocalServer) -> None:
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(guarded.url + page).text
+        urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*["']([^"']+)["']""", html)
+        assert urls, html[:500]
+        assert not re.search(r"https?://|//[a-z]", html.replace("http://www.w3.org", "")), "external reference"
+        for url in urls:
+            r = httpx.get(guarded.url + url)
+            assert r.status_code == 200 and len(r.content) > 100, (page, url, r.status_code)
+    assert httpx.get(guarded.url + "/openapi.json").json()["info"]["title"] == "UniGuard"
+
+
+def test_small_request_is_not_stuck_behind_a_huge_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = {
+        "UNIGUARD_REDIS_URL": "",
+        "UNIGUARD_WARMUP_BATCHES": "1",
+        "UNIGUARD_LOG_LEVEL": "warning",
+        "UNIGUARD_REQUEST_TIMEOUT_S": "60",
+        "UNIGUARD_CACHE_MAX_ENTRIES": "0",
+        "UNIGUARD_INTRA_OP_THREADS": "1",
+    }
+    small = {"input": "Is this a small request?", "policies": ["toxicity"]}
+    huge = {"input": [f"{i} " + "lorem ipsum dolor sit amet " * 120 for i in range(64)]}  # 64 x 3k chars x 5 policies
+    server = LocalServer(tiny_model_dir, settings=settings, log_path=tmp_path / "serve.log", inherit_settings=False)
+    with server as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+
+        def latency() -> float:
+            t0 = time.monotonic()
+            r = client.post("/classify", json={**small, "input": f"{small['input']} {time.monotonic()}"})
+            assert r.status_code == 200, r.text
+            return time.monotonic() - t0
+
+        for _ in range(5):
+            latency()
+        idle = statistics.median(latency() for _ in range(15))
+
+        done: dict[str, float] = {}
+
+        def send_huge() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                r = c.post("/classify", json=huge)
+                done["status"], done["at"] = r.status_code, time.monotonic()
+
+        thread = threading.Thread(target=send_huge)
+        thread.start()
+        while srv.metrics().get("uniguard_queue_depth", 0) < 100:  # the huge request's windows are queued
+            assert thread.is_alive(), done
+            time.sleep(0.02)
+        busy = [latency() for _ in range(7)]
+        measured_at = time.monotonic()
+        thread.join(60)
+    assert done.get("status") == 200, done
+    assert done["at"] > measured_at, "the huge request finished before the small ones were measured"
+    assert statistics.median(busy) <= 2 * idle, (idle, busy)
+    print(
+        f"\nsmall request idle p50 {idle * 1000:.1f} ms; while a huge one runs: "
+        f"p50 {statistics.median(busy) * 1000:.1f} ms, max {max(busy) * 1000:.1f} ms"
+    )
