@@ -26,7 +26,7 @@ SPECIAL_TOKENS = 4
 REFUSAL_MEMORY_S = 1.0
 HIGH_WATER = 0.9
 LEARN_RATE = 0.2
-MIN_LEARN_WINDOWS = 4
+MIN_LEARN_TOKENS = 128
 
 
 def estimate_tokens(policy_chars: int, text_chars: int, max_length: int) -> int:
@@ -64,8 +64,8 @@ class Admission:
         self.metrics.admission_budget.set(self.budget)
 
     def observe_batch(self, windows: int, tokens: int, seconds: float) -> None:
-        """Follow the engine's real speed on batched work (single windows say little about throughput)."""
-        if not self.learn or windows < MIN_LEARN_WINDOWS or seconds <= 0:
+        """Follow the engine's real speed (batches of a few tokens say little about it)."""
+        if not self.learn or tokens < MIN_LEARN_TOKENS or seconds <= 0:
             return
         self.tokens_per_s += LEARN_RATE * (tokens / seconds - self.tokens_per_s)
         self.metrics.admission_budget.set(self.budget)
@@ -131,7 +131,8 @@ class Admission:
 
     def _refused(self, reason: str) -> None:
         self.metrics.admission_rejected.labels(reason).inc()
-        self.refused_for_capacity()
+        if reason == "overloaded":  # a request too costly on its own says nothing about the load
+            self.refused_for_capacity()
 
     # -- saturation -----------------------------------------------------------------------------------------------
     def refused_for_capacity(self) -> None:

@@ -85,8 +85,18 @@ class Settings(BaseSettings):
     redis_backoff_max_s: float = Field(default=30.0, gt=0, description="longest pause before retrying a dead Redis")
     max_batch_size: int = Field(default=32, ge=1, description="most (text, policy) windows per model call")
     max_batch_tokens: int = Field(default=8192, ge=16, description="most padded tokens per model call")
+    batch_target_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="a batch holds at most the tokens the engine runs in this time (at its measured speed), so a small "
+        "request waits at most about this long behind a big one; 0 = only the size and token limits",
+    )
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
-    max_queue: int = Field(default=2048, ge=1, description="most windows waiting; beyond it requests get 429")
+    max_queue: int = Field(
+        default=16384,
+        ge=1,
+        description="most windows waiting; beyond it requests get 429 (a second bound: admission bounds the work)",
+    )
     request_timeout_s: float = Field(default=10.0, gt=0, description="per-request deadline (then 504)")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After header value on 429")
     warmup_batches: int = Field(default=3, ge=0, description="dummy batches run at start-up before ready")

@@ -116,8 +116,9 @@ class GuardEngine:
             max_batch_tokens=s.max_batch_tokens,
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
-            on_batch=self.admission.observe_batch,
+            on_batch=self._on_batch,
         )
+        self.batcher.max_batch_tokens = self.batch_tokens()
         self.batcher.start()
         self.classifier = Classifier(engine, self.batcher, self.cache, self.metrics, s, self.admission)
         if on_loaded is not None:
@@ -132,13 +133,28 @@ class GuardEngine:
         self.status = "ready"
         self.metrics.ready.set(1)
         log.info(
-            "model %s ready (%s, %s; %.0f tokens/s, admission budget %.0f tokens)",
+            "model %s ready (%s, %s; %.0f tokens/s, admission budget %.0f tokens, batches of at most %d tokens)",
             engine.model_id,
             manifest.target,
             engine.provider,
             self.admission.tokens_per_s,
             self.admission.budget,
+            self.batcher.max_batch_tokens,
         )
+
+    def batch_tokens(self) -> int:
+        """The batch token limit: UNIGUARD_MAX_BATCH_TOKENS, or less so that one batch takes about
+        UNIGUARD_BATCH_TARGET_MS at the measured speed (on a CPU, batching adds little throughput, and every batch
+        is time a newly arrived small request may have to wait)."""
+        s = self.settings
+        if s.batch_target_ms <= 0:
+            return s.max_batch_tokens
+        return max(1, min(s.max_batch_tokens, int(self.admission.tokens_per_s * s.batch_target_ms / 1000.0)))
+
+    def _on_batch(self, windows: int, tokens: int, seconds: float) -> None:
+        self.admission.observe_batch(windows, tokens, seconds)
+        if self.batcher is not None:
+            self.batcher.max_batch_tokens = self.batch_tokens()
 
     async def stop(self) -> None:
         """Refuse new work, finish what is queued (up to the request deadline), close the cache."""

@@ -133,9 +133,9 @@ def test_costly_requests_are_refused_at_once_and_types_are_strict(guarded: Local
 
 
 def test_readyz_turns_503_while_saturated_and_200_after(guarded: LocalServer) -> None:
-    # each request: 8 texts x ~1000 characters x 5 policies, about 30k estimated tokens of a 40k budget: two at once
+    # each request: 4 texts x ~1000 characters x 5 policies, about 28k estimated tokens of a 40k budget: two at once
     # do not fit, so concurrent senders get 429s and the service is saturated
-    body = {"input": [f"{i} " + "the quick brown fox jumps " * 40 for i in range(8)]}
+    body = {"input": [f"{i} " + "the quick brown fox jumps " * 40 for i in range(4)]}
     stop = threading.Event()
     statuses: list[int] = []
 
@@ -192,6 +192,9 @@ def test_small_request_is_not_stuck_behind_a_huge_one(tiny_model_dir: Path, tmp_
         "UNIGUARD_REQUEST_TIMEOUT_S": "60",
         "UNIGUARD_CACHE_MAX_ENTRIES": "0",
         "UNIGUARD_INTRA_OP_THREADS": "1",
+        # the tiny test model runs a window in under a millisecond; batches of ~2 ms keep the same proportion to
+        # a request's latency as the default 50 ms does on the real model
+        "UNIGUARD_BATCH_TARGET_MS": "2",
     }
     small = {"input": "Is this a small request?", "policies": ["toxicity"]}
     huge = {"input": [f"{i} " + "lorem ipsum dolor sit amet " * 120 for i in range(64)]}  # 64 x 3k chars x 5 policies
