@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 
 from loadtests.common import (
+    ROOT,
     SCENARIOS_HELP,
     LoadSummary,
     latency_chart,
     read_history,
     read_stats,
     run_locust,
-    running_server,
     write_json,
 )
+from service.localserver import LocalServer
 
 
 def summarise(
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     server_env = {"UNIGUARD_REDIS_URL": args.redis_url}
     print(f"starting uniguard serve on {args.model} ...", file=sys.stderr)
-    with running_server(args.model, out / "server.log", server_env) as server:
+    with LocalServer(args.model, settings=server_env, log_path=out / "server.log", cwd=ROOT) as server:
         print(f"{server.url} ready; locust {args.scenario}: {args.users} users for {args.duration}s", file=sys.stderr)
         run = run_locust(server.url, args.users, args.spawn_rate, args.duration, out / "locust", env=locust_env)
     summary = summarise(run.csv_prefix, args.scenario, args.users, args.spawn_rate, args.duration, args.model, out)

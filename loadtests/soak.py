@@ -27,14 +27,13 @@ from pydantic import BaseModel
 from loadtests.common import (
     HOST,
     ROOT,
-    Server,
-    free_port,
     latency_chart,
     locust_command,
     read_history,
     rss_bytes,
     write_json,
 )
+from service.localserver import LocalServer, free_port
 
 
 class RedisServer:
@@ -192,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="uniguard-soak-redis-") as redis_dir:
         redis = RedisServer(Path(redis_dir))
         redis.start()
-        server = Server(args.model, out / "server.log", {"UNIGUARD_REDIS_URL": redis.url})
+        server = LocalServer(
+            args.model, settings={"UNIGUARD_REDIS_URL": redis.url}, log_path=out / "server.log", cwd=ROOT
+        )
         try:
             server.start()
             rss_start = rss_bytes(server.pid)
