@@ -111,11 +111,10 @@ class RequestContext:
         )
 
 
-class ApiKeyAuth:
-    """401 without a valid API key (when keys are configured) outside the public paths; the admin gate."""
+class _Gate:
+    """A middleware that may answer an HTTP request itself (``_reject``) before passing it on (``_pass``)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
-        self.app, self.settings, self.metrics = app, settings, metrics
+    app: ASGIApp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,7 +124,20 @@ class ApiKeyAuth:
         if rejection is not None:
             await rejection(scope, receive, send)
             return
+        await self._pass(scope, receive, send)
+
+    def _reject(self, scope: Scope) -> Any:
+        return None
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+class ApiKeyAuth(_Gate):
+    """401 without a valid API key (when keys are configured) outside the public paths; the admin gate."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
 
     def _reject(self, scope: Scope) -> Any:
         s = self.settings
@@ -155,20 +167,13 @@ class ApiKeyAuth:
         )
 
 
-class BodyGuard:
+class BodyGuard(_Gate):
     """Content type, body size, UTF-8 and the body deadline; the in-flight count and limit once the body is read."""
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app, self.state = app, state
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rejection = self._reject(scope)
-        if rejection is not None:
-            await rejection(scope, receive, send)
-            return
+    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         counts = path not in PROBE_PATHS
         slot = {"held": False}
