@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from export.manifest import TARGETS
 from policies.labels import label_to_id
+from training.data import SPLIT_CHOICES
 
 if TYPE_CHECKING:
     from training.meta import CheckpointMeta
@@ -37,7 +38,7 @@ def load_val_rows(
     is kept.
     """
     from policies.registry import PolicyRegistry
-    from training.data import DataError, clean_rows, load_rows, split_of
+    from training.data import DataError, clean_rows, in_split, load_rows
 
     instructions = {p.name: p.instruction_text for p in meta.policies}
     registry = PolicyRegistry.load(policy_dirs)
@@ -47,7 +48,7 @@ def load_val_rows(
         raise SystemExit(f"uniguard export: --val: {exc}") from exc
     by_policy: dict[str, list[tuple[str, str, int]]] = {}
     for row in rows_read:
-        if split != "all" and split_of(row.text) != split:
+        if not in_split(row, split):
             continue
         if row.policy not in instructions:
             if row.policy not in registry:
@@ -92,7 +93,7 @@ def register(sub: Any) -> None:
     )
     export.add_argument(
         "--split",
-        choices=("train", "val", "test", "all"),
+        choices=SPLIT_CHOICES,
         default="val",
         help="keep only --val rows of this hash split (default val; 'all' keeps every row)",
     )

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from training.data import SPLIT_CHOICES
+
 METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare", "slerp")  # kept in sync with merging.methods (tested)
 SUBSET_NAMES = ("all", "attention", "attention_output", "no_head")
 STRATEGY_NAMES = ("thompson", "ucb", "egreedy", "random")
@@ -53,7 +55,7 @@ def _add_data(p: argparse.ArgumentParser, when_empty: str) -> None:
     p.add_argument(
         "--split",
         default="val",
-        choices=["train", "val", "test", "all"],
+        choices=SPLIT_CHOICES,
         help="keep only rows the training split function puts in this split (default val, so the whole "
         "data folder can be passed safely; 'all' keeps every row)",
     )

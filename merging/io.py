@@ -185,13 +185,10 @@ def load_val_rows(
     evaluates on training rows; ``all`` keeps every row); at most ``cap_per_source`` rows per
     (policy, source, label), as in training's evaluation.
     """
-    from training.data import SPLITS, cap_per_stratum, clean_rows, load_all, load_rows, split_of
+    from training.data import cap_per_stratum, clean_rows, in_split, load_all, load_rows
 
     rows = clean_rows(load_rows(paths))[0] if paths else load_all()
-    if split != "all":
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
-        rows = [r for r in rows if split_of(r.text, seed) == split]
+    rows = [r for r in rows if in_split(r, split, seed)]
     if cap_per_source:
         rows = cap_per_stratum(rows, cap_per_source, seed)
     if not rows:

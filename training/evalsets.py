@@ -1,0 +1,133 @@
+"""Evaluation sets and data reports built from the training corpus.
+
+The corpus decides every label (native rows, benign rows under each policy, scope labels, cross-policy
+negatives); an evaluation set is a split of it written as plain JSONL rows (the shared row format), so
+``uniguard eval`` scores exactly the labels training used. Policies outside the registry (scope, injection
+facets, custom) are written beside the rows as policy YAMLs for ``uniguard eval --policies``.
+
+``uniguard data report`` prints what the default recipe uses: rows per source and label, what the noise
+filters dropped and why, and the corpus's examples per policy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from policies.registry import PolicyRegistry
+from training.corpus import Corpus, build_corpus, cap_examples, load_paraphrases, load_policies
+from training.data import HELDOUT_SOURCES, SEED_DIR, Row, clean_rows, default_data_dir, load_rows
+
+
+class EvalSet(BaseModel):
+    """What ``write_eval_set`` wrote."""
+
+    rows: int
+    per_policy: dict[str, dict[str, int]]
+    rows_file: Path
+    policy_dir: Path
+
+
+def load_corpus(data: Path | None = None, extra: Sequence[Path] = (), seed_data: bool = True) -> Corpus:
+    paths: list[Path] = [data or default_data_dir(), *([SEED_DIR] if seed_data else []), *extra]
+    rows, _ = clean_rows(load_rows(paths))
+    return build_corpus(rows, load_policies(), load_paraphrases())
+
+
+def write_eval_set(
+    corpus: Corpus,
+    splits: Sequence[str],
+    out: Path,
+    policies: Sequence[str] | None = None,
+    cap: int | None = None,
+    seed: int = 0,
+) -> EvalSet:
+    """The corpus examples of ``splits`` (optionally only ``policies``; at most ``cap`` per (policy, source,
+    label)) as ``out/rows.jsonl``, and the non-registry policies they use as ``out/policies/*.yaml``."""
+    wanted = set(policies) if policies else None
+    examples = [e for e in corpus.examples if e.split in splits and (wanted is None or e.policy in wanted)]
+    if cap:
+        examples = cap_examples(examples, cap, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    policy_dir = out / "policies"
+    policy_dir.mkdir(exist_ok=True)
+    registry = PolicyRegistry.load()
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    rows_file = out / "rows.jsonl"
+    with rows_file.open("w", encoding="utf-8") as handle:
+        for e in examples:
+            row = {
+                "text": e.text,
+                "label": "unsafe" if e.label else "safe",
+                "policy": e.policy,
+                "source": e.source,
+                "license": e.license,
+                "category": e.kind,
+            }
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts[e.policy][row["label"]] += 1
+    for name in sorted(counts):
+        if name not in registry:
+            policy = corpus.policies[name]
+            data = policy.model_dump(mode="json", exclude_defaults=True)
+            (policy_dir / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return EvalSet(
+        rows=len(examples),
+        per_policy={p: dict(c) for p, c in sorted(counts.items())},
+        rows_file=rows_file,
+        policy_dir=policy_dir,
+    )
+
+
+def data_report(data: Path | None = None, extra: Sequence[Path] = ()) -> str:
+    """A Markdown report: rows per source and label with their role, noise dropped, examples per policy."""
+    paths: list[Path] = [data or default_data_dir(), SEED_DIR, *extra]
+    raw = load_rows(paths)
+    rows, dropped = clean_rows(raw)
+    corpus = build_corpus(rows, load_policies(), load_paraphrases())
+    by_source: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for r in raw:
+        by_source[(r.policy, r.source)]["read"] += 1
+    for r in rows:
+        by_source[(r.policy, r.source)][r.label] += 1
+    trained_by_source: Counter[str] = Counter(e.source for e in corpus.examples if e.split == "train")
+    lines = [
+        "| file (policy/source) | rows read | kept safe | kept unsafe | dropped | role | training examples |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for (policy, source), c in sorted(by_source.items()):
+        role = "source-held-out (never trained)" if source in HELDOUT_SOURCES else "training + in-source val/test"
+        kept = c["safe"] + c["unsafe"]
+        lines.append(
+            f"| {policy}/{source} | {c['read']} | {c['safe']} | {c['unsafe']} | {c['read'] - kept} | {role} | "
+            f"{trained_by_source[source]} |"
+        )
+    lines += ["", "Dropped as label noise or duplicates:", ""]
+    lines += [f"- {reason}: {n}" for reason, n in dropped.most_common()]
+    lines += [f"- corpus: {reason}: {n}" for reason, n in corpus.stats.get("_dropped", Counter()).most_common() if n]
+    lines += [
+        "",
+        "| policy | family | train safe | train unsafe | val | test | sho_val | sho_test |",
+        "|---|---|" + "---:|" * 6,
+    ]
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    for e in corpus.examples:
+        key = f"train:{e.label}" if e.split == "train" else e.split
+        per[e.policy][key] += 1
+    for name in sorted(per):
+        c = per[name]
+        held = " (held out)" if name in corpus.holdout else ""
+        lines.append(
+            f"| {name}{held} | {corpus.families.get(name, '')} | {c['train:0']} | {c['train:1']} | {c['val']} | "
+            f"{c['test']} | {c['sho_val']} | {c['sho_test']} |"
+        )
+    return "\n".join(lines)
+
+
+def rows_of(examples_file: Path) -> list[Row]:
+    return load_rows([examples_file])
