@@ -75,7 +75,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('UNIGUARD_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('UNIGUARD_PORT', '8000'), timeout=4)"]
 # Exec form: `uniguard serve` (uvicorn in-process) is PID 1 and receives SIGTERM directly; it drains, then exits.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["uniguard", "serve"]
