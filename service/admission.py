@@ -26,7 +26,6 @@ SPECIAL_TOKENS = 4
 REFUSAL_MEMORY_S = 1.0
 HIGH_WATER = 0.9
 LEARN_RATE = 0.2
-MIN_LEARN_TOKENS = 128
 
 
 def estimate_tokens(policy_chars: int, text_chars: int, max_length: int) -> int:
@@ -64,8 +63,9 @@ class Admission:
         self.metrics.admission_budget.set(self.budget)
 
     def observe_batch(self, windows: int, tokens: int, seconds: float) -> None:
-        """Follow the engine's real speed (batches of a few tokens say little about it)."""
-        if not self.learn or tokens < MIN_LEARN_TOKENS or seconds <= 0:
+        """Follow the engine's real speed, batch by batch: under load (other processes on the cores, tokenising
+        threads) it can be well below the start-up measurement, and the budget must shrink with it."""
+        if not self.learn or tokens <= 0 or seconds <= 0:
             return
         self.tokens_per_s += LEARN_RATE * (tokens / seconds - self.tokens_per_s)
         self.metrics.admission_budget.set(self.budget)

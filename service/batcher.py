@@ -78,7 +78,8 @@ class DynamicBatcher:
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.max_queue = max_wait_ms / 1000.0, max_queue
         self._groups: deque[_Group] = deque()
-        self._depth = 0
+        self._depth = 0  # windows waiting
+        self._tokens = 0  # their tokens
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -114,7 +115,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(BatcherClosedError("the service is shutting down"))
         self._groups.clear()
-        self._depth = 0
+        self._depth = self._tokens = 0
 
     async def score(self, windows: Sequence[Window], deadline: float) -> list[float]:
         """P(unsafe) of each window; raises QueueFullError, DeadlineExceededError or the backend's error."""
@@ -130,6 +131,7 @@ class DynamicBatcher:
         items = [_Item(w, loop.create_future(), deadline) for w in windows]
         self._groups.append(_Group(deque(sorted(items, key=lambda i: len(i.window))), deadline))
         self._depth += len(items)
+        self._tokens += sum(len(w) for w in windows)
         self.metrics.queue_depth.set(self._depth)
         self._wakeup.set()
         remaining = deadline - time.monotonic()
@@ -145,6 +147,7 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        backlog_since: float | None = None  # end of the previous batch, if work was already waiting then
         while True:
             if not self._groups:
                 if self._closing:
@@ -154,7 +157,7 @@ class DynamicBatcher:
                 continue
             # Give a partly filled batch a moment to fill, measured from the oldest waiting window's arrival.
             oldest = min(g.items[0].enqueued for g in self._groups)
-            while self._depth < self.max_batch_size and not self._closing:
+            while not self._batch_full() and not self._closing:
                 left = oldest + self.max_wait_s - time.monotonic()
                 if left <= 0:
                     break
@@ -175,18 +178,30 @@ class DynamicBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+                backlog_since = None
                 continue
-            elapsed = time.monotonic() - start
+            end = time.monotonic()
             tokens = sum(len(i.window) for i in batch)
-            self.metrics.inference_seconds.observe(elapsed)
+            self.metrics.inference_seconds.observe(end - start)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_tokens.observe(len(batch) * max(len(i.window) for i in batch))
             if self.on_batch is not None:
-                self.on_batch(len(batch), tokens, elapsed)
+                # While a backlog lasts, the time between batches (the event loop busy elsewhere) counts too: the
+                # observer learns what the service really gets through, not just the engine.
+                self.on_batch(len(batch), tokens, end - (backlog_since if backlog_since is not None else start))
+            backlog_since = end if self._depth else None
             self.batches_run += 1
             for item, score in zip(batch, scores, strict=True):
                 if not item.future.done():
                     item.future.set_result(float(score))
+
+    def _batch_full(self) -> bool:
+        """Enough is waiting to fill a batch (by count or by tokens): no point waiting for more."""
+        return self._depth >= self.max_batch_size or self._tokens >= self.max_batch_tokens
+
+    def _remove(self, item: _Item) -> None:
+        self._depth -= 1
+        self._tokens -= len(item.window)
 
     def _next_batch(self) -> list[_Item]:
         """One batch, built in turns: each turn takes the next (shortest remaining) window of every waiting request,
@@ -208,8 +223,7 @@ class DynamicBatcher:
                 if batch and (len(batch) + 1) * new_width > self.max_batch_tokens:
                     full = True
                     break
-                group.items.popleft()
-                self._depth -= 1
+                self._remove(group.items.popleft())
                 batch.append(item)
                 width = new_width
             self._groups = deque(g for g in self._groups if g.items)
@@ -223,14 +237,13 @@ class DynamicBatcher:
         kept: deque[_Group] = deque()
         for group in self._groups:
             if group.deadline <= now:
-                self._depth -= len(group.items)
                 for item in group.items:
+                    self._remove(item)
                     if not item.future.done():
                         item.future.set_exception(DeadlineExceededError("the request ran past its deadline"))
                 continue
             while group.items and group.items[0].future.done():
-                group.items.popleft()
-                self._depth -= 1
+                self._remove(group.items.popleft())
             if group.items:
                 kept.append(group)
         self._groups = kept

@@ -186,8 +186,10 @@ def test_admission_saturation_and_learning() -> None:
     learner.learn = True
     learner.observe_batch(8, 4000, 1.0)  # the engine turns out faster
     assert 1000 < learner.tokens_per_s < 4000
-    learner.observe_batch(1, 10, 1.0)  # too few tokens to say anything
-    assert learner.tokens_per_s > 1000
+    faster = learner.tokens_per_s
+    for _ in range(30):
+        learner.observe_batch(1, 100, 1.0)  # then much slower, e.g. with the cores shared: the budget follows
+    assert learner.tokens_per_s < 0.2 * faster and learner.budget < 200
 
 
 def test_cost_estimate_grows_with_windows() -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 from uniguard import __version__
 
-
 # Left out of the serving image (Dockerfile): their commands are simply not offered there.
 NOT_IN_SERVING_IMAGE = {"training", "merging"}
 
