@@ -59,6 +59,7 @@ async def test_flood_of_20x_the_queue_is_bounded(tiny_model_dir: Path, tiny_engi
         assert codes.count(200) >= 2 * MAX_QUEUE // 2, "the queue should keep serving during the flood"
         assert deepest["depth"] <= MAX_QUEUE, f"queue grew to {deepest['depth']} windows (bound {MAX_QUEUE})"
         assert batcher.depth == 0 and state.inflight == 0
+        assert state.guard.admission.saturated_for() > 0, "refusals for a full queue count as saturation"
         mib = 1024 * 1024
         # the peak holds the flood's 240 in-flight requests (client and server side); it must not scale with
         # the queue, and nothing may be retained once the flood is over

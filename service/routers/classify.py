@@ -48,6 +48,7 @@ async def classify(request: ClassifyRequest, state: StateDep) -> Response:
         return _json(await classifier.classify(texts, policies, mode))
     except QueueFullError as exc:
         metrics.queue_rejected.inc()
+        state.guard.admission.refused_for_capacity()
         raise ServiceError(
             429, "overloaded", f"{exc}; retry later", headers={"Retry-After": str(settings.retry_after_s)}
         ) from None
