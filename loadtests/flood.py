@@ -28,7 +28,8 @@ from service.localserver import HOST, LocalServer
 log = logging.getLogger("uniguard.flood")
 
 
-def _stalled(port: int, count: int, payload: bytes) -> list[socket.socket]:
+def open_stalled(port: int, count: int, payload: bytes) -> list[socket.socket]:
+    """``count`` connections that send ``payload`` (an unfinished request) and then nothing."""
     socks = []
     for _ in range(count):
         s = socket.create_connection((HOST, port), timeout=5)
@@ -38,10 +39,11 @@ def _stalled(port: int, count: int, payload: bytes) -> list[socket.socket]:
     return socks
 
 
-def _closed_after(socks: list[socket.socket], started: float, timeout_s: float) -> tuple[list[float], set[bytes]]:
-    """Seconds until the server closed each socket, and the status lines it sent first."""
+def closed_after(socks: list[socket.socket], started: float, timeout_s: float) -> tuple[list[float], list[bytes]]:
+    """Seconds from ``started`` until the server closed each socket, and what each received before (then closes
+    them all)."""
     selector = selectors.DefaultSelector()
-    first: dict[int, bytes] = {}
+    received = {s.fileno(): b"" for s in socks}
     for s in socks:
         selector.register(s, selectors.EVENT_READ)
     closed: list[float] = []
@@ -55,13 +57,13 @@ def _closed_after(socks: list[socket.socket], started: float, timeout_s: float) 
             except (ConnectionResetError, BlockingIOError):
                 data = b""
             if data:
-                first.setdefault(sock.fileno(), data.split(b"\r\n", 1)[0])
+                received[sock.fileno()] += data
                 continue
             closed.append(time.monotonic() - started)
             selector.unregister(sock)
     for s in socks:
         s.close()
-    return closed, set(first.values())
+    return closed, list(received.values())
 
 
 def _timed(client: httpx.Client, method: str, path: str, **kwargs: Any) -> tuple[int, float, httpx.Response]:
@@ -73,12 +75,15 @@ def _timed(client: httpx.Client, method: str, path: str, **kwargs: Any) -> tuple
 def slow_clients(server: LocalServer, count: int, body_timeout_s: float) -> dict[str, Any]:
     body = b'POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"in'
     started = time.monotonic()
-    socks = _stalled(server.port, count, body) + _stalled(server.port, 50, b"POST /classify HTTP/1.1\r\nHost: x")
+    socks = open_stalled(server.port, count, body) + open_stalled(
+        server.port, 50, b"POST /classify HTTP/1.1\r\nHost: x"
+    )
     opened = time.monotonic() - started
     with httpx.Client(base_url=server.url, timeout=30) as client:
         status, ms, _ = _timed(client, "POST", "/classify", json={"input": "Is this fine?", "policies": ["toxicity"]})
         policies, _, _ = _timed(client, "GET", "/policies")
-    closed, lines = _closed_after(socks, started, timeout_s=body_timeout_s + opened + 10)
+    closed, replies = closed_after(socks, started, timeout_s=body_timeout_s + opened + 10)
+    lines = {reply.split(b"\r\n", 1)[0] for reply in replies}
     return {
         "stalled_body_sockets": count,
         "stalled_header_sockets": 50,

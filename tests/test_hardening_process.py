@@ -5,7 +5,6 @@ request types, and /docs without a network. The figures are printed (pytest -s) 
 from __future__ import annotations
 
 import re
-import selectors
 import socket
 import statistics
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.flood import closed_after, open_stalled
 from service.localserver import HOST, LocalServer
 
 STALLED = 600
@@ -44,51 +44,14 @@ def guarded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield server
 
 
-def _open_stalled(port: int, count: int, payload: bytes) -> list[socket.socket]:
-    socks = []
-    for _ in range(count):
-        s = socket.create_connection((HOST, port), timeout=5)
-        s.sendall(payload)
-        s.setblocking(False)
-        socks.append(s)
-    return socks
-
-
-def _wait_closed(socks: list[socket.socket], started: float, timeout_s: float) -> tuple[list[float], list[bytes]]:
-    """Seconds from ``started`` until the server closed each socket, and what it sent before closing."""
-    selector = selectors.DefaultSelector()
-    received = {s.fileno(): b"" for s in socks}
-    for s in socks:
-        selector.register(s, selectors.EVENT_READ)
-    closed: list[float] = []
-    deadline = time.monotonic() + timeout_s
-    while len(closed) < len(socks) and time.monotonic() < deadline:
-        for key, _ in selector.select(timeout=0.2):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            try:
-                data = sock.recv(65536)
-            except (ConnectionResetError, BlockingIOError):
-                data = b""
-            if data:
-                received[sock.fileno()] += data
-                continue
-            closed.append(time.monotonic() - started)
-            selector.unregister(sock)
-    replies = list(received.values())
-    for s in socks:
-        s.close()
-    return closed, replies
-
-
 def test_stalled_bodies_and_headers_neither_lock_out_nor_linger(guarded: LocalServer) -> None:
     stalled_body = (
         b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b'Content-Length: 1000\r\n\r\n{"input":'  # 9 bytes of a declared 1000, then nothing
     )
     started = time.monotonic()
-    bodies = _open_stalled(guarded.port, STALLED, stalled_body)
-    headers = _open_stalled(guarded.port, 50, b"POST /classify HTTP/1.1\r\nHost: loc")  # slowloris: headers never end
+    bodies = open_stalled(guarded.port, STALLED, stalled_body)
+    headers = open_stalled(guarded.port, 50, b"POST /classify HTTP/1.1\r\nHost: loc")  # slowloris: headers never end
     opened = time.monotonic() - started
 
     t0 = time.monotonic()
@@ -97,7 +60,7 @@ def test_stalled_bodies_and_headers_neither_lock_out_nor_linger(guarded: LocalSe
     assert r.status_code == 200 and normal_s < 2.0, (r.status_code, normal_s)
     assert httpx.get(guarded.url + "/policies", timeout=2).status_code == 200
 
-    closed, replies = _wait_closed(bodies + headers, started, timeout_s=BODY_TIMEOUT_S + opened + 5)
+    closed, replies = closed_after(bodies + headers, started, timeout_s=BODY_TIMEOUT_S + opened + 5)
     assert len(closed) == STALLED + 50, f"only {len(closed)} of {STALLED + 50} stalled sockets were closed"
     slack = 1.5
     assert max(closed) <= opened + max(BODY_TIMEOUT_S, HEADER_TIMEOUT_S) + slack, max(closed)
