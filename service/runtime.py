@@ -32,7 +32,7 @@ def default_engine_factory(settings: Settings) -> OnnxEngine:
     if not model_dir.is_dir():
         raise ServiceError(
             503,
-            "model_missing",
+            "model_unavailable",
             f"model folder {model_dir} does not exist: build the default model with `make model`, "
             "or point UNIGUARD_MODEL_DIR (uniguard serve --model) at an exported model folder",
         )

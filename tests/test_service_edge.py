@@ -197,3 +197,26 @@ def test_cost_estimate_grows_with_windows() -> None:
     assert short < 256
     long = estimate_tokens(200, 20_000, 256)
     assert long >= 20_000 / 3 and long % 256 == 0
+
+
+def test_every_error_code_is_documented_with_an_example() -> None:
+    """Each error code the service can answer has a row in docs/SERVICE.md's table, and each row an example."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    codes = set()
+    for path in (root / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = getattr(node, "func", None)
+            called = getattr(name, "id", getattr(name, "attr", ""))
+            is_error = isinstance(node, ast.Call) and called in ("ServiceError", "error_response", "BodyError")
+            if is_error and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                codes.add(node.args[1].value)
+    assert {"request_too_costly", "request_timeout", "admin_disabled", "saturated", "no_policies"} <= codes
+    doc = (root / "docs" / "SERVICE.md").read_text(encoding="utf-8")
+    table = doc[doc.index("| Status | `error.code` |") : doc.index("## Admission")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2:5].isdigit()]
+    for code in sorted(codes):
+        row = next((r for r in rows if f"`{code}`" in r.split("|")[2]), None)
+        assert row is not None, f"error code {code} is not in docs/SERVICE.md's table"
+        assert "→" in row.split("|")[4], f"the row of {code} has no example"
