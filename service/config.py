@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         default=5.0, gt=0, description="deadline for a connection to send a request's headers (then 408, closed)"
     )
+    max_header_bytes: int = Field(
+        default=65536, ge=1024, description="largest request line + headers (then 431, connection closed)"
+    )
     body_timeout_s: float = Field(
         default=5.0, gt=0, description="deadline for a request's body once its headers are in (then 408, closed)"
     )

@@ -1,8 +1,9 @@
 """Running the app under uvicorn with deadlines for slow clients.
 
-uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) but not a connection that is slow to send its
-request line and headers; this protocol adds that deadline (``UNIGUARD_HEADER_TIMEOUT_S``): a connection that has
-not sent complete headers in time gets 408 and is closed. The body deadline is the ``BodyGuard`` middleware's
+uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) but neither the time a connection takes to send
+its request line and headers nor their size; this protocol adds both: a connection that has not sent complete
+headers within ``UNIGUARD_HEADER_TIMEOUT_S`` gets 408, one whose headers pass ``UNIGUARD_MAX_HEADER_BYTES`` gets
+431, and either is closed. The body deadline is the ``BodyGuard`` middleware's
 (``UNIGUARD_BODY_TIMEOUT_S``), and ``limit_concurrency`` (``UNIGUARD_MAX_CONNECTIONS``) bounds open connections.
 """
 
@@ -17,33 +18,44 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.config import Settings
 
 
-def _timeout_response(seconds: float) -> bytes:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "request_timeout",
-                "message": f"the request headers did not arrive within {seconds:g} s (UNIGUARD_HEADER_TIMEOUT_S)",
-                "field": None,
-            }
-        }
-    ).encode()
+def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 error response with the service's JSON envelope, for answers sent before the app runs."""
+    body = json.dumps({"error": {"code": code, "message": message, "field": None}}).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline from the connection (or the first byte of the next request on a
-    keep-alive connection) to the end of the request headers."""
+    """uvicorn's httptools protocol with two bounds on the part of a request before its body: the time from the
+    connection (or the first byte of the next request on a keep-alive connection) to the end of the headers, and the
+    bytes received meanwhile (request line and headers; one read of overshoot at most)."""
 
     header_timeout_s = 5.0
+    max_header_bytes = 65536
     _header_timer: asyncio.TimerHandle | None = None
+    _header_bytes = 0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        reading_headers = self._header_timer is not None
+        self._header_bytes += len(data)
+        super().data_received(data)
+        # still in the headers after this read: everything received so far is request line and headers
+        if reading_headers and self._header_timer is not None and self._header_bytes > self.max_header_bytes:
+            self._refuse(
+                raw_error(
+                    431,
+                    "Request Header Fields Too Large",
+                    "headers_too_large",
+                    f"the request line and headers exceed {self.max_header_bytes} bytes (UNIGUARD_MAX_HEADER_BYTES)",
+                )
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -59,6 +71,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
+        self._header_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _disarm_header_timer(self) -> None:
@@ -68,13 +81,19 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
+        message = f"the request headers did not arrive within {self.header_timeout_s:g} s (UNIGUARD_HEADER_TIMEOUT_S)"
+        self._refuse(raw_error(408, "Request Timeout", "request_timeout", message))
+
+    def _refuse(self, response: bytes) -> None:
+        self._disarm_header_timer()
         if not self.transport.is_closing():
-            self.transport.write(_timeout_response(self.header_timeout_s))
+            self.transport.write(response)
             self.transport.close()
 
 
 def protocol_for(settings: Settings) -> type[HeaderDeadlineProtocol]:
-    return type("UniGuardHttpProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": settings.header_timeout_s})
+    bounds = {"header_timeout_s": settings.header_timeout_s, "max_header_bytes": settings.max_header_bytes}
+    return type("UniGuardHttpProtocol", (HeaderDeadlineProtocol,), bounds)
 
 
 def run(app: Any, settings: Settings) -> None:

@@ -4,6 +4,7 @@ request types, and /docs without a network. The figures are printed (pytest -s) 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import statistics
@@ -74,6 +75,28 @@ def test_stalled_bodies_and_headers_neither_lock_out_nor_linger(guarded: LocalSe
         f"{normal_s * 1000:.0f} ms; all closed with 408 after {min(closed):.2f}-{max(closed):.2f} s "
         f"(deadlines {BODY_TIMEOUT_S:g} s / {HEADER_TIMEOUT_S:g} s)"
     )
+
+
+def test_oversized_headers_are_refused_without_buffering_them(guarded: LocalServer) -> None:
+    from loadtests.common import rss_bytes
+
+    before = rss_bytes(guarded.pid)
+    sock = socket.create_connection((HOST, guarded.port), timeout=5)
+    sent = 0
+    with contextlib.suppress(OSError):  # the server closes the connection while we send
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        for _ in range(200):  # up to 16 MB of headers
+            sock.sendall((b"X-Pad: " + b"a" * 8000 + b"\r\n") * 10)
+            sent += 80_000
+    reply = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            reply += chunk
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 431") and b"headers_too_large" in reply, reply[:200]
+    assert sent < 4_000_000, f"the server read {sent} bytes of headers before refusing"
+    assert rss_bytes(guarded.pid) - before < 20_000_000
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
 
 
 def test_idle_keep_alive_connections_are_closed(guarded: LocalServer) -> None:
