@@ -95,6 +95,20 @@ async def test_body_guard_counts_in_flight_only_once_the_body_is_read(tmp_path: 
     assert status == 408 and headers["connection"] == "close" and b"request_timeout" in body
     assert time.monotonic() - started < 0.3
     assert "uniguard_client_timeouts_total 1.0" in state.metrics.render().decode()
+
+    # a body that trickles in (a byte every 50 ms, forever) meets the same deadline: it is for the whole body
+    async def trickle() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    sent: list[dict[str, Any]] = []
+
+    async def record(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    started = time.monotonic()
+    await guard(_scope(), trickle, record)
+    assert sent[0]["status"] == 408 and time.monotonic() - started < 0.35
     # a complete body is counted while the app handles it, and released after
     status, _, _ = await _call(guard, _scope(), [b'{"input":', b' "hi"}'])
     assert status == 200 and app.inflight_seen == 1 and state.inflight == 0
