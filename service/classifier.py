@@ -24,6 +24,7 @@ from export.manifest import Manifest
 from policies.labels import UNSAFE, verdict
 from policies.registry import PolicyRegistry
 from policies.schema import Policy, render_response
+from service.admission import Admission, estimate_tokens
 from service.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
 from service.cache import CachedScore, ScoreCache, cache_key, text_hash
 from service.config import Settings
@@ -255,15 +256,17 @@ class Classifier:
         cache: ScoreCache,
         metrics: Metrics,
         settings: Settings,
+        admission: Admission,
     ) -> None:
         self.engine, self.batcher, self.cache = engine, batcher, cache
-        self.metrics, self.settings = metrics, settings
+        self.metrics, self.settings, self.admission = metrics, settings, admission
 
     async def classify(
         self, texts: list[str], policies: list[ResolvedPolicy], fail_mode: FailMode = "closed"
     ) -> ClassifyResponse:
         """Verdicts for validated texts and resolved policies, within the per-request deadline (else
-        DeadlineExceededError); QueueFullError when the batch queue is full."""
+        DeadlineExceededError); QueueFullError when the batch queue is full; 429/413 ServiceError when admission
+        refuses the request's cost."""
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_s
         if self.batcher.full:  # refuse before tokenising: a flood costs no CPU and holds no memory
@@ -324,17 +327,25 @@ class Classifier:
             self.metrics.cache_hits.labels(backend).inc(len(pairs) - len(misses))
             self.metrics.cache_misses.labels(backend).inc(len(misses))
 
-        # 2. score the misses through the batcher
+        # 2. admit the misses' cost (estimated from characters, then exact once tokenised), then score them through
+        #    the batcher
         computed: dict[int, CachedScore] = {}
         tokens = 0
         if misses:
-            t0 = time.monotonic()
             miss_pairs = [(policies[pairs[k][1]].instruction, texts[pairs[k][0]]) for k in misses]
-            per_pair = await asyncio.to_thread(self.engine.pair_windows, miss_pairs)
-            self.metrics.tokenize_seconds.observe(time.monotonic() - t0)
-            flat = [w for ws in per_pair for w in ws]
-            tokens = sum(len(w) for w in flat)
-            scores = await self.batcher.score(flat, deadline)
+            max_length = self.engine.manifest.encoding.max_length
+            estimate = sum(estimate_tokens(len(p), len(t), max_length) for p, t in miss_pairs)
+            ticket = self.admission.admit(estimate)
+            try:
+                t0 = time.monotonic()
+                per_pair = await asyncio.to_thread(self.engine.pair_windows, miss_pairs)
+                self.metrics.tokenize_seconds.observe(time.monotonic() - t0)
+                flat = [w for ws in per_pair for w in ws]
+                tokens = sum(len(w) for w in flat)
+                self.admission.resize(ticket, tokens)
+                scores = await self.batcher.score(flat, deadline)
+            finally:
+                self.admission.release(ticket)
             for k, pair_score in zip(misses, aggregate(per_pair, scores), strict=True):
                 computed[k] = CachedScore(pair_score.score, pair_score.char_start, pair_score.char_end)
             await self.cache.set_many([(keys[k], v) for k, v in computed.items()])

@@ -27,7 +27,7 @@ def test_serve_help_lists_every_setting() -> None:
     help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     for name in Settings.model_fields:
         assert f"UNIGUARD_{name.upper()}" in help_text
-    assert "[default: 2048]" in help_text  # defaults are shown
+    assert "[default: 16384]" in help_text  # defaults are shown (UNIGUARD_MAX_QUEUE)
 
 
 def test_serve_process_then_bench_against_it(tiny_model_dir: Path, tmp_path: Path) -> None:

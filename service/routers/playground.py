@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.app import AppState
 from service.errors import ServiceError
-from service.routers.deps import get_state
+from service.state import StateDep
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent.parent / "playground"
 ASSETS = {
@@ -45,7 +43,7 @@ def _read(name: str) -> bytes:
 
 
 @router.get("/")
-async def page(state: Annotated[AppState, Depends(get_state)]) -> Response:
+async def page(state: StateDep) -> Response:
     auth = "required" if state.settings.api_key_hashes else "none"
     html = _read("index.html").decode("utf-8").replace("__AUTH__", auth)
     return Response(html, media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
