@@ -8,8 +8,9 @@ Threshold precedence (first that applies):
 
 Without a loaded model (fail-open answers while not ready) steps 2 and 4 are skipped: the policy's own threshold.
 
-A request's ``policies`` may name groups (``categories``); a policy with a ``category_group`` (content_safety) names,
-on its unsafe verdicts, the policies of that group over their thresholds (scored for the flagged texts only). Each
+A request's ``policies`` may name groups (``categories``); with ``categories: true``, a policy with a
+``category_group`` (content_safety) names, on its unsafe verdicts, the policies of that group over their thresholds
+(scored for the flagged texts only). Each
 flagged text gets the safe reply (``response``) of its highest-scoring unsafe policy that has one.
 """
 
@@ -163,7 +164,8 @@ def resolve_policies(
         if not 0.0 <= value <= 1.0:
             raise ServiceError(422, "invalid_threshold", "thresholds must lie in [0, 1]", field=f"thresholds.{name}")
     # (a category's override only exists when the request applies it; _categorise then reuses that verdict)
-    return [replace(p, threshold=request.thresholds[p.name]) if p.name in request.thresholds else p for p in out]
+    out = [replace(p, threshold=request.thresholds[p.name]) if p.name in request.thresholds else p for p in out]
+    return out if request.categories else [replace(p, categories=()) if p.categories else p for p in out]
 
 
 def check_texts(texts: list[str], settings: Settings) -> None:

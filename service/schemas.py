@@ -99,6 +99,7 @@ class ClassifyRequest(BaseModel):
                     "thresholds": {"financial_advice": 0.7},
                 },
                 {"input": "How do I make a pipe bomb?", "policies": ["content_safety", "categories"]},
+                {"input": "How do I make a pipe bomb?", "policies": ["content_safety"], "categories": True},
             ]
         },
     )
@@ -118,6 +119,11 @@ class ClassifyRequest(BaseModel):
         default=None,
         description="what to do when the service cannot classify; default: the server's UNIGUARD_FAIL_MODE. "
         "A request may only make it stricter: 'closed' is always honoured, 'open' only on a fail-open server.",
+    )
+    categories: bool = Field(
+        default=False,
+        description="true: an unsafe verdict of a policy with a category group (content_safety) lists the categories "
+        "over their thresholds in `categories`; the group's policies are scored for the flagged texts only",
     )
 
     @property
@@ -143,8 +149,9 @@ class PolicyVerdict(BaseModel):
     )
     categories: list[str] | None = Field(
         default=None,
-        description="set on an unsafe verdict of a policy with a category group (content_safety: the 'categories' "
-        "group): the categories over their thresholds for this text, highest score first",
+        description="with the request's `categories: true`, set on an unsafe verdict of a policy with a category "
+        "group (content_safety: the 'categories' group): the categories over their thresholds for this text, "
+        "highest score first",
         examples=[["weapons", "violence"]],
     )
 

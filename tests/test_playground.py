@@ -170,7 +170,9 @@ def test_the_playground_in_a_browser(server: str, browser: Any) -> None:
     find(By.CSS_SELECTOR, 'input.threshold[data-policy="content_safety"]').send_keys("0")
     type_into("prompts", prompts[1])
     submit()
-    api = _classify(server, {"input": prompts[1], "policies": ["content_safety"], "thresholds": {"content_safety": 0}})
+    assert find(By.ID, "categories-on").is_selected()  # the page asks for them by default
+    flagged = {"input": prompts[1], "policies": ["content_safety"], "thresholds": {"content_safety": 0}}
+    api = _classify(server, {**flagged, "categories": True})
     categories = api["results"][0]["policies"]["content_safety"]["categories"]
     shown = find(By.CSS_SELECTOR, '.categories[data-policy="content_safety"]').text
     assert shown == ("categories: " + ", ".join(categories) if categories else "categories: none over threshold")

@@ -151,22 +151,25 @@ async def test_a_flagged_content_safety_verdict_names_its_categories(
     text = "how do I hurt someone and get away with it"
     async with running_app(make_settings(tiny_model_dir), lambda s: tiny_engine) as (_app, client):
         info = {p["name"]: p["threshold"] for p in (await client.get("/policies")).json()["policies"]}
-        # not flagged: no categories computed, no extra tokens
-        r = await client.post("/classify", json={"input": text, "policies": ["content_safety"],
-                                                 "thresholds": {"content_safety": 1.0}})  # fmt: skip
-        plain = ClassifyResponse.model_validate(r.json())
-        assert plain.results[0].policies["content_safety"].verdict == "safe"
+        flag = {"input": text, "policies": ["content_safety"], "thresholds": {"content_safety": 0.0}}
+        # not asked for (the default): flagged, but no categories computed and no extra tokens
+        plain = ClassifyResponse.model_validate((await client.post("/classify", json=flag)).json())
+        assert plain.results[0].policies["content_safety"].verdict == "unsafe"
         assert plain.results[0].policies["content_safety"].categories is None
-        assert plain.results[0].response is None
-        # flagged: the categories over their registry thresholds, highest score first; scoring them costs tokens
-        r = await client.post(
-            "/classify",
-            json={"input": [text, "hi"], "policies": ["content_safety"], "thresholds": {"content_safety": 0.0}},
-        )
+        assert plain.results[0].response == REGISTRY["content_safety"].response
+        # asked for, not flagged: nothing computed either
+        body = {**flag, "categories": True, "thresholds": {"content_safety": 1.0}}
+        quiet = ClassifyResponse.model_validate((await client.post("/classify", json=body)).json())
+        assert quiet.results[0].policies["content_safety"].categories is None
+        assert quiet.results[0].response is None
+        # asked for and flagged: the categories over their registry thresholds, highest score first; scoring them
+        # costs tokens (the content_safety verdict itself is cached by now)
+        r = await client.post("/classify", json={**flag, "categories": True})
         body = ClassifyResponse.model_validate(r.json())
+        assert body.results[0].policies["content_safety"].cached is True and body.usage.tokens > plain.usage.tokens
         fired = body.results[0].policies["content_safety"].categories
         assert fired == _expected_categories(tiny_engine, text, info)
-        assert body.usage.policies == 1 and body.usage.tokens > 2 * plain.usage.tokens
+        assert body.usage.policies == 1
         assert list(body.results[0].policies) == ["content_safety"]  # categories are not added as verdicts
         expected_reply = REGISTRY[fired[0]].response if fired else REGISTRY["content_safety"].response
         assert body.results[0].response == expected_reply
@@ -177,6 +180,7 @@ async def test_a_flagged_content_safety_verdict_names_its_categories(
                 "input": text,
                 "policies": ["content_safety", "violence", "weapons"],
                 "thresholds": {"content_safety": 0.0, "violence": 0.0, "weapons": 1.0},
+                "categories": True,
             },
         )
         fired = r.json()["results"][0]["policies"]["content_safety"]["categories"]
@@ -226,6 +230,7 @@ async def test_openapi_documents_groups_categories_and_response(tiny_model_dir: 
         response = schemas["TextResult"]["properties"]["response"]
         assert response["examples"] and "highest-scoring" in response["description"]
         assert schemas["PolicyVerdict"]["properties"]["categories"]["examples"]
+        assert schemas["ClassifyRequest"]["properties"]["categories"]["default"] is False
         example = schemas["ClassifyResponse"]["examples"][0]["results"][0]
         assert example["response"]
         requests = schemas["ClassifyRequest"]["examples"]

@@ -138,6 +138,7 @@ function buildRequest() {
     request.custom_policies = [inline];
   }
   if (Object.keys(thresholds).length) request.thresholds = thresholds;
+  if ($("categories-on").checked) request.categories = true;
   return request;
 }
 
