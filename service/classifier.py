@@ -25,6 +25,7 @@ from export.manifest import Manifest
 from policies.labels import UNSAFE, verdict
 from policies.registry import PolicyRegistry
 from policies.schema import Policy, render_response
+from policies.thresholds import policy_threshold
 from service.admission import Admission, estimate_tokens
 from service.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
 from service.cache import CachedScore, ScoreCache, cache_key, text_hash
@@ -56,16 +57,8 @@ class ResolvedPolicy:
 
 
 def registry_threshold(policy: Policy, manifest: Manifest | None) -> float:
-    """Steps 2-4 of the precedence for a registry policy."""
-    if manifest is None:
-        return policy.threshold
-    known = {ref.name: ref.content_hash for ref in manifest.policies}
-    calibrated = manifest.threshold_for(policy.name)
-    if calibrated is not None and known.get(policy.name) == policy.content_hash:
-        return calibrated
-    if "threshold" in policy.model_fields_set:
-        return policy.threshold
-    return manifest.default_threshold
+    """Steps 2-4 of the precedence for a registry policy: the one rule of ``policies.thresholds``."""
+    return policy_threshold(policy, manifest)
 
 
 def _resolved(policy: Policy, threshold: float, inline: bool) -> ResolvedPolicy:
@@ -133,8 +126,9 @@ def resolve_policies(
             )
         seen.add(inline.name)
         policy = inline.to_policy()
-        default = manifest.default_threshold if manifest is not None else policy.threshold
-        threshold = inline.threshold if inline.threshold is not None else default
+        if inline.threshold is not None:
+            policy = policy.model_copy(update={"threshold": inline.threshold})
+        threshold = policy_threshold(policy, manifest, explicit=inline.threshold is not None)
         out.append(_resolved(policy, threshold, inline=True))
     if not out:
         raise ServiceError(422, "no_policies", "no policies to apply", field="policies")
