@@ -1,4 +1,5 @@
-"""Shared pieces of the load scripts: a local server, a headless Locust run, CSV parsing, charts.
+"""Shared pieces of the load scripts: a headless Locust run, CSV parsing, charts. The local server is
+service/localserver.py's (the one helper shared with the benchmark and the tests).
 
 Only localhost: the server binds 127.0.0.1 and Locust targets it; every wait and run is bounded.
 """
@@ -8,36 +9,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
 
 from pydantic import BaseModel
 
+from service.localserver import HOST
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
 
 
 def rss_bytes(pid: int) -> int:
@@ -56,86 +38,6 @@ def rss_bytes(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return total
-
-
-class Server:
-    """`uniguard serve` on a free localhost port, logging to a file."""
-
-    def __init__(self, model: Path, log_path: Path, env: dict[str, str] | None = None, port: int | None = None):
-        self.model = model
-        self.port = port or free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log_path = log_path
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: TextIO | None = None
-
-    def start(self, ready_timeout_s: float = 120.0) -> None:
-        uniguard = Path(sys.executable).parent / "uniguard"
-        command = [str(uniguard), "serve", "--host", HOST, "--port", str(self.port), "--model", str(self.model)]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + ready_timeout_s
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uniguard serve exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                status, body = http_get(f"{self.url}/readyz")
-                if status == 200:
-                    return
-                last = body[:300]
-            except OSError as exc:
-                last = str(exc)
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"uniguard serve not ready within {ready_timeout_s}s ({last}); see {self.log_path}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples (name{labels} -> value) from /metrics."""
-        _, text = http_get(f"{self.url}/metrics")
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                try:
-                    out[key] = float(value)
-                except ValueError:
-                    continue
-        return out
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
-        code = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                code = self.proc.wait(timeout=10)
-        elif self.proc is not None:
-            code = self.proc.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-
-@contextmanager
-def running_server(model: Path, log_path: Path, env: dict[str, str] | None = None) -> Any:
-    server = Server(model, log_path, env)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class LocustRun(BaseModel):

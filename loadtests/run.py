@@ -9,19 +9,23 @@ summary.md, latency.png, server.log.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from loadtests.common import (
+    ROOT,
     SCENARIOS_HELP,
     LoadSummary,
     latency_chart,
     read_history,
     read_stats,
     run_locust,
-    running_server,
     write_json,
 )
+from service.localserver import LocalServer
+
+log = logging.getLogger("uniguard.loadtest")
 
 
 def summarise(
@@ -114,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             UNIGUARD_LOAD_SPIKE_SECONDS=str(args.duration),
         )
     server_env = {"UNIGUARD_REDIS_URL": args.redis_url}
-    print(f"starting uniguard serve on {args.model} ...", file=sys.stderr)
-    with running_server(args.model, out / "server.log", server_env) as server:
-        print(f"{server.url} ready; locust {args.scenario}: {args.users} users for {args.duration}s", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("starting uniguard serve on %s ...", args.model)
+    with LocalServer(args.model, settings=server_env, log_path=out / "server.log", cwd=ROOT) as server:
+        log.info("%s ready; locust %s: %d users for %ds", server.url, args.scenario, args.users, args.duration)
         run = run_locust(server.url, args.users, args.spawn_rate, args.duration, out / "locust", env=locust_env)
     summary = summarise(run.csv_prefix, args.scenario, args.users, args.spawn_rate, args.duration, args.model, out)
     print((out / "summary.md").read_text(encoding="utf-8"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import os
 import shutil
@@ -27,14 +28,15 @@ from pydantic import BaseModel
 from loadtests.common import (
     HOST,
     ROOT,
-    Server,
-    free_port,
     latency_chart,
     locust_command,
     read_history,
     rss_bytes,
     write_json,
 )
+from service.localserver import LocalServer, free_port
+
+log = logging.getLogger("uniguard.soak")
 
 
 class RedisServer:
@@ -169,6 +171,7 @@ def markdown(r: SoakResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/uniguard-minilm"), help="exported model folder")
     parser.add_argument("--rate", type=float, default=20.0, help="total request rate (req/s), e.g. 70%% of sustainable")
@@ -192,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="uniguard-soak-redis-") as redis_dir:
         redis = RedisServer(Path(redis_dir))
         redis.start()
-        server = Server(args.model, out / "server.log", {"UNIGUARD_REDIS_URL": redis.url})
+        server = LocalServer(
+            args.model, settings={"UNIGUARD_REDIS_URL": redis.url}, log_path=out / "server.log", cwd=ROOT
+        )
         try:
             server.start()
             rss_start = rss_bytes(server.pid)
@@ -203,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 "UNIGUARD_LOAD_REQUEST_LOG": str(request_log),
             }
             command = locust_command(server.url, users, users, args.duration, out / "locust")
-            print(
-                f"soak: {args.rate:g} req/s ({users} users) for {args.duration}s against {server.url}", file=sys.stderr
-            )
+            log.info("soak: %g req/s (%d users) for %ds against %s", args.rate, users, args.duration, server.url)
             with open(out / "locust_locust.log", "wb") as locust_log:
                 locust = subprocess.Popen(command, env=env, cwd=ROOT, stdout=locust_log, stderr=subprocess.STDOUT)
                 t0 = time.time()
@@ -213,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(args.duration / 3)
                     stopped_at = time.time()
                     redis.stop()
-                    print(f"soak: Redis stopped at {stopped_at - t0:.0f}s", file=sys.stderr)
+                    log.info("soak: Redis stopped at %.0fs", stopped_at - t0)
                     time.sleep(down)
                     redis.start()
                     restarted_at = time.time()
-                    print(f"soak: Redis restarted at {restarted_at - t0:.0f}s", file=sys.stderr)
+                    log.info("soak: Redis restarted at %.0fs", restarted_at - t0)
                     code = locust.wait(timeout=args.duration + 120)
                 except BaseException:
                     locust.kill()

@@ -14,6 +14,9 @@ DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "default"
 # Moderation categories (hate, self-harm, sexual content, violence ...): served, not enabled by default.
 CATEGORY_POLICY_DIR = Path(__file__).resolve().parent / "categories"
 BUILTIN_POLICY_DIRS = (DEFAULT_POLICY_DIR, CATEGORY_POLICY_DIR)
+# Every policy belongs to one group: its `group` field, else CUSTOM_GROUP. Groups are listed in this order first.
+DEFAULT_GROUP, CATEGORY_GROUP, CUSTOM_GROUP = "defaults", "categories", "custom"
+GROUP_ORDER = (DEFAULT_GROUP, CATEGORY_GROUP)
 
 
 class PolicyError(ValueError):
@@ -43,6 +46,11 @@ def _policy_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
 
 
+def group_of(policy: Policy) -> str:
+    """The group a policy belongs to: its own ``group``, else "custom"."""
+    return policy.group or CUSTOM_GROUP
+
+
 class PolicyRegistry:
     """An immutable set of named policies."""
 
@@ -52,6 +60,23 @@ class PolicyRegistry:
             if policy.name in self._policies:
                 raise PolicyError(f"duplicate policy name {policy.name!r}")
             self._policies[policy.name] = policy
+        groups: dict[str, list[str]] = {}
+        for policy in self._policies.values():
+            groups.setdefault(group_of(policy), []).append(policy.name)
+        order = [g for g in GROUP_ORDER if g in groups] + sorted(set(groups) - {*GROUP_ORDER, CUSTOM_GROUP})
+        self._groups = {g: groups[g] for g in [*order, CUSTOM_GROUP] if g in groups}
+        for name in self._policies:
+            if name in self._groups:
+                raise PolicyError(
+                    f"policy name {name!r} is also the name of a group of policies ({', '.join(self._groups[name])}); "
+                    "a request names either, so rename the policy or the group"
+                )
+        for policy in self._policies.values():
+            if policy.category_group is not None and policy.category_group not in self._groups:
+                raise PolicyError(
+                    f"policy {policy.name!r}: category_group {policy.category_group!r} names no group of policies; "
+                    f"groups: {', '.join(self._groups)}"
+                )
 
     @classmethod
     def load(cls, folders: Iterable[Path] = (), include_default: bool = True) -> PolicyRegistry:
@@ -85,6 +110,15 @@ class PolicyRegistry:
     @property
     def names(self) -> list[str]:
         return list(self._policies)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> its policies' names, in registry order (defaults, categories, other groups, custom)."""
+        return {g: list(names) for g, names in self._groups.items()}
+
+    def group(self, name: str) -> list[Policy]:
+        """The policies of a group ([] for an unknown group)."""
+        return [self._policies[n] for n in self._groups.get(name, [])]
 
     def defaults(self) -> list[Policy]:
         """The policies applied when a request names none."""

@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policies.labels import Label
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{1,63}$"
+# A policy's safe reply: plain text with these placeholders only ({{ and }} for literal braces).
+RESPONSE_PLACEHOLDERS = frozenset({"policy"})
+MAX_RESPONSE_CHARS = 500
+
+
+def check_response(template: str) -> str:
+    """Validate a safe-reply template: non-empty, short, and only the known placeholders (no format specs)."""
+    template = re.sub(r"\s+", " ", template).strip()
+    if not template:
+        raise ValueError("response must not be empty (leave it out for no reply)")
+    if len(template) > MAX_RESPONSE_CHARS:
+        raise ValueError(f"response must be at most {MAX_RESPONSE_CHARS} characters")
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"response has unbalanced braces ({exc}); write {{{{ and }}}} for literal braces") from None
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in RESPONSE_PLACEHOLDERS or spec or conversion:
+            known = ", ".join("{" + p + "}" for p in sorted(RESPONSE_PLACEHOLDERS))
+            raise ValueError(f"response placeholder {{{name}}} is not allowed; known placeholders: {known}")
+    return template
+
+
+def render_response(template: str, policy_name: str) -> str:
+    """The reply a client receives: ``{policy}`` becomes the policy's name in words (``tax advice``)."""
+    return template.format(policy=policy_name.replace("_", " "))
 
 
 class PolicyExample(BaseModel):
@@ -39,6 +68,15 @@ class Policy(BaseModel):
         pattern=NAME_PATTERN,
         description="a named set of policies a request may ask for at once (e.g. 'categories')",
     )
+    response: str | None = Field(
+        default=None,
+        description="a short safe reply for a text this policy flags; placeholder {policy} (the name in words)",
+    )
+    category_group: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="a group whose policies name the categories of a text this policy flags (e.g. 'categories')",
+    )
 
     @field_validator("allowed", "disallowed")
     @classmethod
@@ -49,6 +87,11 @@ class Policy(BaseModel):
         if any(len(item) > 300 for item in cleaned):
             raise ValueError("list items must be at most 300 characters")
         return cleaned
+
+    @field_validator("response")
+    @classmethod
+    def _response(cls, value: str | None) -> str | None:
+        return None if value is None else check_response(value)
 
     def instruction_text(self) -> str:
         """The policy as the model reads it (examples are not part of it: they cost tokens)."""

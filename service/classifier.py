@@ -7,6 +7,11 @@ Threshold precedence (first that applies):
 4. the manifest's ``default_threshold`` (zero-shot policies).
 
 Without a loaded model (fail-open answers while not ready) steps 2 and 4 are skipped: the policy's own threshold.
+
+A request's ``policies`` may name groups (``categories``); with ``categories: true``, a policy with a
+``category_group`` (content_safety) names, on its unsafe verdicts, the policies of that group over their thresholds
+(scored for the flagged texts only). Each
+flagged text gets the safe reply (``response``) of its highest-scoring unsafe policy that has one.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from export.manifest import Manifest
 from policies.labels import UNSAFE, verdict
 from policies.registry import PolicyRegistry
-from policies.schema import Policy
+from policies.schema import Policy, render_response
+from policies.thresholds import policy_threshold
+from service.admission import Admission, estimate_tokens
 from service.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
 from service.cache import CachedScore, ScoreCache, cache_key, text_hash
 from service.config import Settings
@@ -45,25 +52,29 @@ class ResolvedPolicy:
     content_hash: str
     threshold: float
     inline: bool
+    response: str | None = None  # the rendered safe reply
+    categories: tuple[ResolvedPolicy, ...] = ()  # the category_group's policies (registry order)
 
 
 def registry_threshold(policy: Policy, manifest: Manifest | None) -> float:
-    """Steps 2-4 of the precedence for a registry policy."""
-    if manifest is None:
-        return policy.threshold
-    known = {ref.name: ref.content_hash for ref in manifest.policies}
-    calibrated = manifest.threshold_for(policy.name)
-    if calibrated is not None and known.get(policy.name) == policy.content_hash:
-        return calibrated
-    if "threshold" in policy.model_fields_set:
-        return policy.threshold
-    return manifest.default_threshold
+    """Steps 2-4 of the precedence for a registry policy: the one rule of ``policies.thresholds``."""
+    return policy_threshold(policy, manifest)
+
+
+def _resolved(policy: Policy, threshold: float, inline: bool) -> ResolvedPolicy:
+    response = render_response(policy.response, policy.name) if policy.response else None
+    return ResolvedPolicy(policy.name, policy.instruction_text(), policy.content_hash, threshold, inline, response)
 
 
 def resolve_registry(registry: PolicyRegistry, manifest: Manifest | None) -> dict[str, ResolvedPolicy]:
-    """Instruction text, content hash and default threshold of every registry policy, computed once."""
+    """Instruction text, content hash, default threshold, reply and categories of every registry policy, once."""
+    plain = {p.name: _resolved(p, registry_threshold(p, manifest), False) for p in registry}
     return {
-        p.name: ResolvedPolicy(p.name, p.instruction_text(), p.content_hash, registry_threshold(p, manifest), False)
+        p.name: replace(
+            plain[p.name], categories=tuple(plain[c.name] for c in registry.group(p.category_group) if c.name != p.name)
+        )
+        if p.category_group
+        else plain[p.name]
         for p in registry
     }
 
@@ -79,18 +90,21 @@ def resolve_policies(
     if request.policies is None:
         named = [] if request.custom_policies else registry.defaults()
     else:
-        unknown = [n for n in request.policies if n not in registry]
+        groups = registry.groups
+        unknown = [n for n in request.policies if n not in registry and n not in groups]
         if unknown:
             raise ServiceError(
                 422,
                 "unknown_policy",
-                f"unknown policy {', '.join(repr(n) for n in unknown)}; known: {', '.join(registry.names)} "
-                "(GET /policies lists them; inline policies go in custom_policies)",
+                f"unknown policy {', '.join(repr(n) for n in unknown)}; known: {', '.join(registry.names)}; "
+                f"groups: {', '.join(groups)} (GET /policies lists them; inline policies go in custom_policies)",
                 field="policies",
             )
         if len(set(request.policies)) != len(request.policies):
             raise ServiceError(422, "duplicate_policy", "a policy is named twice", field="policies")
-        named = [registry[n] for n in request.policies]
+        # a group stands for its policies; a policy reached twice (by name and through a group) is applied once
+        names = [m for n in request.policies for m in ([n] if n in registry else groups[n])]
+        named = [registry[n] for n in dict.fromkeys(names)]
     if len(request.custom_policies) > settings.max_custom_policies:
         raise ServiceError(
             422,
@@ -102,18 +116,20 @@ def resolve_policies(
     out: list[ResolvedPolicy] = [resolved[p.name] for p in named]
     seen = {p.name for p in out}
     for i, inline in enumerate(request.custom_policies):
-        if inline.name in seen or inline.name in registry:
+        if inline.name in seen or inline.name in registry or inline.name in registry.groups:
             raise ServiceError(
                 422,
                 "duplicate_policy",
-                f"inline policy name {inline.name!r} clashes with a registry or another inline policy; rename it",
+                f"inline policy name {inline.name!r} clashes with a registry policy, a group or another inline "
+                "policy; rename it",
                 field=f"custom_policies.{i}.name",
             )
         seen.add(inline.name)
         policy = inline.to_policy()
-        default = manifest.default_threshold if manifest is not None else policy.threshold
-        threshold = inline.threshold if inline.threshold is not None else default
-        out.append(ResolvedPolicy(policy.name, policy.instruction_text(), policy.content_hash, threshold, inline=True))
+        if inline.threshold is not None:
+            policy = policy.model_copy(update={"threshold": inline.threshold})
+        threshold = policy_threshold(policy, manifest, explicit=inline.threshold is not None)
+        out.append(_resolved(policy, threshold, inline=True))
     if not out:
         raise ServiceError(422, "no_policies", "no policies to apply", field="policies")
     if len(out) > settings.max_policies_per_request:
@@ -125,6 +141,13 @@ def resolve_policies(
             field="policies",
         )
     for name, value in request.thresholds.items():
+        if name not in seen and name in registry.groups:
+            raise ServiceError(
+                422,
+                "unknown_policy",
+                f"thresholds apply to policies, not groups: give one for each policy of {name!r} you want to change",
+                field=f"thresholds.{name}",
+            )
         if name not in seen:
             raise ServiceError(
                 422,
@@ -134,10 +157,9 @@ def resolve_policies(
             )
         if not 0.0 <= value <= 1.0:
             raise ServiceError(422, "invalid_threshold", "thresholds must lie in [0, 1]", field=f"thresholds.{name}")
-    return [
-        ResolvedPolicy(p.name, p.instruction, p.content_hash, request.thresholds.get(p.name, p.threshold), p.inline)
-        for p in out
-    ]
+    # (a category's override only exists when the request applies it; _categorise then reuses that verdict)
+    out = [replace(p, threshold=request.thresholds[p.name]) if p.name in request.thresholds else p for p in out]
+    return out if request.categories else [replace(p, categories=()) if p.categories else p for p in out]
 
 
 def check_texts(texts: list[str], settings: Settings) -> None:
@@ -202,6 +224,26 @@ def fail_open_response(
     )
 
 
+def safe_reply(result: TextResult, policies: list[ResolvedPolicy]) -> str | None:
+    """The reply of the highest-scoring unsafe policy that has one (first in request order on ties); when that
+    verdict names categories, the reply of its highest-scoring category that has one, which is more specific."""
+    if not result.flagged:
+        return None
+    best: tuple[float, ResolvedPolicy] | None = None
+    for policy in policies:
+        v = result.policies[policy.name]
+        if v.verdict == UNSAFE and (policy.response or v.categories) and (best is None or (v.score or 0.0) > best[0]):
+            best = (v.score or 0.0, policy)
+    if best is None:
+        return None
+    policy = best[1]
+    by_name = {c.name: c for c in policy.categories}
+    for name in result.policies[policy.name].categories or []:
+        if by_name[name].response:
+            return by_name[name].response
+    return policy.response
+
+
 class Classifier:
     def __init__(
         self,
@@ -210,15 +252,17 @@ class Classifier:
         cache: ScoreCache,
         metrics: Metrics,
         settings: Settings,
+        admission: Admission,
     ) -> None:
         self.engine, self.batcher, self.cache = engine, batcher, cache
-        self.metrics, self.settings = metrics, settings
+        self.metrics, self.settings, self.admission = metrics, settings, admission
 
     async def classify(
         self, texts: list[str], policies: list[ResolvedPolicy], fail_mode: FailMode = "closed"
     ) -> ClassifyResponse:
         """Verdicts for validated texts and resolved policies, within the per-request deadline (else
-        DeadlineExceededError); QueueFullError when the batch queue is full."""
+        DeadlineExceededError); QueueFullError when the batch queue is full; 429/413 ServiceError when admission
+        refuses the request's cost."""
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_s
         if self.batcher.full:  # refuse before tokenising: a flood costs no CPU and holds no memory
@@ -226,8 +270,11 @@ class Classifier:
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 results, tokens = await self._score(texts, policies, deadline)
+                tokens += await self._categorise(texts, policies, results, deadline)
         except TimeoutError:
             raise DeadlineExceededError("the request ran past its deadline") from None
+        for result in results:
+            result.response = safe_reply(result, policies)
         return ClassifyResponse(
             id=f"cls-{uuid.uuid4().hex[:16]}",
             model=self.engine.model_id,
@@ -236,6 +283,29 @@ class Classifier:
             latency_ms=round((time.monotonic() - started) * 1000.0, 3),
             fail_mode=fail_mode,
         )
+
+    async def _categorise(
+        self, texts: list[str], policies: list[ResolvedPolicy], results: list[TextResult], deadline: float
+    ) -> int:
+        """Fill ``categories`` on the unsafe verdicts of policies with a category group: the request's own verdicts
+        for categories it applies, the others scored now for the flagged texts only. Returns the tokens used."""
+        applied = {p.name for p in policies}
+        tokens = 0
+        for policy in policies:
+            flagged = [ti for ti, r in enumerate(results) if r.policies[policy.name].verdict == UNSAFE]
+            if not policy.categories or not flagged:
+                continue
+            missing = [c for c in policy.categories if c.name not in applied]
+            extra: list[TextResult] = []
+            if missing:
+                extra, used = await self._score([texts[ti] for ti in flagged], missing, deadline)
+                tokens += used
+            for k, ti in enumerate(flagged):
+                verdicts = {**(extra[k].policies if extra else {}), **results[ti].policies}
+                fired = [c.name for c in policy.categories if verdicts[c.name].verdict == UNSAFE]
+                fired.sort(key=lambda name: -(verdicts[name].score or 0.0))
+                results[ti].policies[policy.name].categories = fired
+        return tokens
 
     async def _score(
         self, texts: list[str], policies: list[ResolvedPolicy], deadline: float
@@ -253,17 +323,25 @@ class Classifier:
             self.metrics.cache_hits.labels(backend).inc(len(pairs) - len(misses))
             self.metrics.cache_misses.labels(backend).inc(len(misses))
 
-        # 2. score the misses through the batcher
+        # 2. admit the misses' cost (estimated from characters, then exact once tokenised), then score them through
+        #    the batcher
         computed: dict[int, CachedScore] = {}
         tokens = 0
         if misses:
-            t0 = time.monotonic()
             miss_pairs = [(policies[pairs[k][1]].instruction, texts[pairs[k][0]]) for k in misses]
-            per_pair = await asyncio.to_thread(self.engine.pair_windows, miss_pairs)
-            self.metrics.tokenize_seconds.observe(time.monotonic() - t0)
-            flat = [w for ws in per_pair for w in ws]
-            tokens = sum(len(w) for w in flat)
-            scores = await self.batcher.score(flat, deadline)
+            max_length = self.engine.manifest.encoding.max_length
+            estimate = sum(estimate_tokens(len(p), len(t), max_length) for p, t in miss_pairs)
+            ticket = self.admission.admit(estimate)
+            try:
+                t0 = time.monotonic()
+                per_pair = await asyncio.to_thread(self.engine.pair_windows, miss_pairs)
+                self.metrics.tokenize_seconds.observe(time.monotonic() - t0)
+                flat = [w for ws in per_pair for w in ws]
+                tokens = sum(len(w) for w in flat)
+                self.admission.resize(ticket, tokens)
+                scores = await self.batcher.score(flat, deadline)
+            finally:
+                self.admission.release(ticket)
             for k, pair_score in zip(misses, aggregate(per_pair, scores), strict=True):
                 computed[k] = CachedScore(pair_score.score, pair_score.char_start, pair_score.char_end)
             await self.cache.set_many([(keys[k], v) for k, v in computed.items()])

@@ -60,12 +60,11 @@ def run_serve(args: argparse.Namespace) -> int:
     import signal
     import sys
 
-    import uvicorn
-
     from policies.registry import PolicyError, PolicyRegistry
     from service.app import create_app
     from service.config import SettingsError, load_settings
     from service.logs import configure_logging
+    from service.server import run as serve
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app installs its policy-reload handler
     try:
@@ -89,14 +88,5 @@ def run_serve(args: argparse.Namespace) -> int:
     # or SIGINT, then re-raises the signal; these handlers make that re-raise a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level,
-        log_config=None,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
-        access_log=False,
-    )
+    serve(app, settings)
     return 0

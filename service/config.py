@@ -19,8 +19,12 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 ENV_PREFIX = "UNIGUARD_"
 DEFAULT_MODEL_DIR = Path("models/uniguard-minilm")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PublicPath = Literal["/healthz", "/readyz", "/metrics", "/version", "/docs", "/openapi.json"]
+PublicPath = Literal["/healthz", "/readyz", "/metrics", "/version", "/docs", "/redoc", "/openapi.json"]
 PROBE_PATHS: tuple[PublicPath, ...] = ("/healthz", "/readyz", "/metrics")
+# The playground page and its files: no API key needed (the page's own API calls send one).
+PLAYGROUND_PATHS = frozenset(
+    {"/", "/playground/playground.js", "/playground/playground.css", "/playground/favicon.svg"}
+)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -85,8 +89,18 @@ class Settings(BaseSettings):
     redis_backoff_max_s: float = Field(default=30.0, gt=0, description="longest pause before retrying a dead Redis")
     max_batch_size: int = Field(default=32, ge=1, description="most (text, policy) windows per model call")
     max_batch_tokens: int = Field(default=8192, ge=16, description="most padded tokens per model call")
+    batch_target_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="a batch holds at most the tokens the engine runs in this time (at its measured speed), so a small "
+        "request waits at most about this long behind a big one; 0 = only the size and token limits",
+    )
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
-    max_queue: int = Field(default=2048, ge=1, description="most windows waiting; beyond it requests get 429")
+    max_queue: int = Field(
+        default=16384,
+        ge=1,
+        description="most windows waiting; beyond it requests get 429 (a second bound: admission bounds the work)",
+    )
     request_timeout_s: float = Field(default=10.0, gt=0, description="per-request deadline (then 504)")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After header value on 429")
     warmup_batches: int = Field(default=3, ge=0, description="dummy batches run at start-up before ready")
@@ -96,11 +110,48 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=20_000, ge=1, description="longest text in characters")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body (then 413)")
     max_inflight_requests: int = Field(
-        default=512, ge=1, description="most requests being handled at once; beyond it 429 (probes exempt)"
+        default=512,
+        ge=1,
+        description="most requests being handled at once, counted once their body is read; beyond it 429 "
+        "(probes exempt)",
+    )
+    engine_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="engine speed for admission (model tokens/s); default: measured at start-up"
+    )
+    admission_budget_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of the request deadline that admitted work may fill at the engine's speed; beyond it "
+        "429 (413 for a request that alone exceeds it)",
+    )
+    readiness_grace_s: float = Field(
+        default=2.0, ge=0, description="/readyz answers 503 once the service has been saturated this long"
+    )
+    header_timeout_s: float = Field(
+        default=5.0, gt=0, description="deadline for a connection to send a request's headers (then 408, closed)"
+    )
+    max_header_bytes: int = Field(
+        default=65536, ge=1024, description="largest request line + headers (then 431, connection closed)"
+    )
+    body_timeout_s: float = Field(
+        default=5.0, gt=0, description="deadline for a request's body once its headers are in (then 408, closed)"
+    )
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after it")
+    max_connections: int = Field(
+        default=2048, ge=1, description="most open connections and tasks; beyond it uvicorn answers 503"
     )
     api_key_hashes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="sha256 hex of accepted API keys (comma-separated); empty = no authentication",
+    )
+    admin_key_hashes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="sha256 hex of the keys that may call /admin/* (comma-separated); setting one enables /admin/*",
+    )
+    admin_enabled: bool = Field(
+        default=False,
+        description="enable /admin/* without an admin key (then it needs an API key if those are configured)",
     )
     public_paths: Annotated[list[PublicPath], NoDecode] = Field(
         default_factory=lambda: list(PROBE_PATHS),
@@ -109,16 +160,17 @@ class Settings(BaseSettings):
     fail_mode: Literal["closed", "open"] = Field(
         default="closed", description="closed: errors when it cannot classify; open: answer safe, marked degraded"
     )
+    playground: bool = Field(default=True, description="serve the playground page at / (false: 404)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
 
-    @field_validator("policy_dirs", "api_key_hashes", "public_paths", mode="before")
+    @field_validator("policy_dirs", "api_key_hashes", "admin_key_hashes", "public_paths", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_key_hashes")
+    @field_validator("api_key_hashes", "admin_key_hashes")
     @classmethod
     def _sha256_hex(cls, value: list[str]) -> list[str]:
         hashes = [v.lower() for v in value]

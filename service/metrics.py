@@ -83,10 +83,33 @@ class Metrics:
         self.policy_cache_bytes_per_policy = Gauge(
             "uniguard_policy_cache_bytes_per_policy", "memory of one cached policy's keys/values (bytes)", registry=r
         )
-        self.inflight = Gauge("uniguard_inflight_requests", "requests being handled (probes excluded)", registry=r)
+        self.inflight = Gauge(
+            "uniguard_inflight_requests",
+            "requests being handled, counted once their body is read (probes excluded)",
+            registry=r,
+        )
         self.inflight_rejected = Counter(
             "uniguard_inflight_rejected_total",
             "requests refused with 429 because UNIGUARD_MAX_INFLIGHT_REQUESTS were in flight",
+            registry=r,
+        )
+        self.admission_budget = Gauge(
+            "uniguard_admission_budget_tokens",
+            "model tokens the engine can finish within one request deadline (the admission budget)",
+            registry=r,
+        )
+        self.admitted_tokens = Gauge(
+            "uniguard_admitted_tokens", "model tokens admitted and not finished yet", registry=r
+        )
+        self.admission_rejected = Counter(
+            "uniguard_admission_rejected_total",
+            "requests refused by cost-aware admission (overloaded: 429, too_costly: 413)",
+            ["reason"],
+            registry=r,
+        )
+        self.client_timeouts = Counter(
+            "uniguard_client_timeouts_total",
+            "requests whose body did not arrive within UNIGUARD_BODY_TIMEOUT_S (408, connection closed)",
             registry=r,
         )
         self.auth_failures = Counter(

@@ -123,6 +123,7 @@ def test_validator_catches_a_broken_manifest(default_docs: list[dict[str, Any]])
         (["--set-string", "replicaCount=two"], "/replicaCount"),
         (["--set", "config.provider=tpu"], "/config/provider"),
         (["--set", "config.failMode=maybe"], "/config/failMode"),
+        (["--set-string", "config.playground=yes"], "/config/playground"),
         (["--set", "apiKeys.enabled=true", "--set", "apiKeys.hashes[0]=not-a-sha256"], "/apiKeys/hashes/0"),
         (["--set", "redis.url=http://cache:6379"], "/redis/url"),
         (["--set", "replicas=3"], "replicas"),
@@ -130,7 +131,18 @@ def test_validator_catches_a_broken_manifest(default_docs: list[dict[str, Any]])
         (["--set", "config.extra.port=9000"], "config.extra.port"),
         (["--set", "apiKeys.enabled=true"], "apiKeys.enabled is true but"),
     ],
-    ids=["replicas-str", "provider", "fail-mode", "key-hash", "redis-url", "unknown-key", "grace", "extra", "keys"],
+    ids=[
+        "replicas-str",
+        "provider",
+        "fail-mode",
+        "playground",
+        "key-hash",
+        "redis-url",
+        "unknown-key",
+        "grace",
+        "extra",
+        "keys",
+    ],
 )
 def test_bad_values_fail_to_render(helm: Path, args: list[str], message: str) -> None:
     proc = _helm(helm, "template", "rel", str(CHART), *args)
@@ -201,6 +213,7 @@ def test_rendered_env_is_accepted_by_the_service_settings(
     settings = load_settings()
     assert settings.host == "0.0.0.0"
     assert settings.request_timeout_s == float(env["UNIGUARD_REQUEST_TIMEOUT_S"])
+    assert settings.playground is (which != "full_docs")  # on by default; full-values switches it off
     if which == "full_docs":
         assert settings.provider == "cuda"
         assert [str(p) for p in settings.policy_dirs] == ["/app/policies/custom"]
@@ -338,6 +351,9 @@ def test_hadolint_passes() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+SERVING_PACKAGES = ["uniguard", "policies", "export", "service"]  # and scoring/ once the repository has it
+
+
 def test_dockerfile_copy_sources_exist_and_reach_the_build_context() -> None:
     args = _global_args()
     sources = []
@@ -348,43 +364,107 @@ def test_dockerfile_copy_sources_exist_and_reach_the_build_context() -> None:
         for source in words[:-1]:
             sources.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], source))
     assert "models/uniguard-minilm" in sources, "the default model must be baked into the image"
+    assert "." in sources, "the sources stage copies the (allow-listed) build context"
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist in the repository"
-        assert not _dockerignore_excludes(source), f".dockerignore excludes {source}, which the Dockerfile copies"
+        if source != ".":
+            assert not _dockerignore_excludes(source), f".dockerignore excludes {source}, which the Dockerfile copies"
     assert (ROOT / args["MODEL_DIR"] / "manifest.json").is_file(), "the baked-in model folder needs a manifest.json"
+    # everything the service imports reaches the image: every project package that service/ imports is allowed
+    imported: set[str] = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        imported |= set(re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.MULTILINE))
+    project = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert {"service", "policies", "export"} <= imported & project
+    for package in sorted(imported & project):
+        assert not _dockerignore_excludes(f"{package}/__init__.py"), f"the service imports {package}: allow it"
 
 
 def test_dockerignore_keeps_junk_out() -> None:
-    for junk in [".venv", ".git", "runs", "tests", ".pytest_cache", "service/__pycache__", "training/data"]:
+    for junk in [
+        ".venv",
+        ".git",
+        "runs",
+        "tests",
+        "docs",
+        ".pytest_cache",
+        "service/__pycache__",
+        "training",
+        "training/data/x.jsonl",
+        "merging/search.py",
+        "policies/data.jsonl",
+        "models/uniguard-minilm/checkpoint-3",
+    ]:
         assert _dockerignore_excludes(junk), f".dockerignore should exclude {junk}"
-    for needed in ["pyproject.toml", "service/app.py", "policies/default/toxicity.yaml", "models/uniguard-minilm"]:
-        assert not _dockerignore_excludes(needed), f".dockerignore must not exclude {needed}"
+    needed = [
+        "pyproject.toml",
+        "README.md",
+        "service/app.py",
+        "policies/default/toxicity.yaml",
+        "models/uniguard-minilm",
+    ]
+    for path in [*needed, *(f"{p}/__init__.py" for p in SERVING_PACKAGES), "scoring/__init__.py"]:
+        assert not _dockerignore_excludes(path), f".dockerignore must not exclude {path}"
 
 
-@pytest.mark.parametrize("stage", ["cpu", "cuda"])
-def test_final_stages_are_lean_and_safe(stage: str) -> None:
-    instructions = _stage(stage)
+def test_image_stage_is_lean_and_safe() -> None:
+    """One final stage for both images; the runtime base (and with it the provider) is chosen by RUNTIME."""
+    instructions = _stage("image")
     text = "\n".join(f"{k} {r}" for k, r in instructions)
-    assert instructions[0][0] == "FROM"
-    for forbidden in ["torch", "gcc", "build-essential", "g++", "pip install", "[train"]:
-        assert forbidden not in text, f"final stage {stage} must not contain {forbidden!r}"
+    assert instructions[0] == ("FROM", "runtime-${RUNTIME} AS image")
+    for forbidden in ["torch", "gcc", "build-essential", "g++", "pip install", "[train", "training", "merging"]:
+        assert forbidden not in text, f"the image stage must not contain {forbidden!r}"
     users = [r for k, r in instructions if k == "USER"]
-    assert users and not users[-1].startswith(("0", "root")), f"stage {stage} must run as a non-root user"
+    assert users and not users[-1].startswith(("0", "root")), "the image must run as a non-root user"
     assert ("ENTRYPOINT", '["uniguard", "serve"]') in instructions, "exec-form ENTRYPOINT expected"
     env = " ".join(r for k, r in instructions if k == "ENV")
     assert "UNIGUARD_HOST=0.0.0.0" in env and "UNIGUARD_PORT=8000" in env
-    assert f"UNIGUARD_PROVIDER={stage}" in env
     healthchecks = [r for k, r in instructions if k == "HEALTHCHECK"]
     assert len(healthchecks) == 1 and "/healthz" in healthchecks[0] and "urllib" in healthchecks[0]
     assert instructions[-1][0] == "ENTRYPOINT"
-    if stage == "cuda":
-        args = _global_args()
-        assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu[\d.]+", args["CUDA_IMAGE"])
-        assert "onnxruntime-gpu" in "\n".join(r for _s, k, r in _instructions() if _s == "cuda-builder" and k == "RUN")
-    else:
-        assert _global_args()["PYTHON_IMAGE"].startswith("python:3.11-slim")
-    # The default target (`docker build .`) is the CPU image: the last stage.
-    assert _instructions()[-1][0] == "cpu"
+    # The default target (`docker build .`) is the image stage, on the CPU runtime.
+    assert _instructions()[-1][0] == "image"
+    args = _global_args()
+    assert args["RUNTIME"] == "cpu"
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu[\d.]+", args["CUDA_IMAGE"])
+    for runtime in ("cpu", "cuda"):
+        base = _stage(f"runtime-{runtime}")
+        assert base, f"no runtime-{runtime} stage"
+        assert f"UNIGUARD_PROVIDER={runtime}" in " ".join(r for k, r in base if k == "ENV")
+    builder = "\n".join(r for k, r in _stage("builder") if k == "RUN")
+    assert "onnxruntime-gpu" in builder and '"$RUNTIME" = "cuda"' in builder
+    assert "find_spec" in builder and "'training'" in builder  # the build fails if training code got in
+    # no stage repeats another's steps: only the runtime stages differ between the two images
+    stages = [s for s, k, _ in _instructions() if k == "FROM"]
+    assert stages == ["runtime-cpu", "runtime-cuda", "sources", "builder", "image"], stages
+
+
+def test_serving_code_runs_without_training_and_merging(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What the image holds is enough: `uniguard serve` starts and classifies with training/ and merging/ made
+    unimportable (as in the image, where they are not copied)."""
+    import httpx
+
+    from service.localserver import LocalServer
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NotInImage:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('training', 'merging'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _NotInImage())\n"
+    )
+    settings = {"PYTHONPATH": str(tmp_path), "UNIGUARD_REDIS_URL": "", "UNIGUARD_WARMUP_BATCHES": "1"}
+    server = LocalServer(tiny_model_dir, settings=settings, log_path=tmp_path / "serve.log")
+    with server:
+        r = httpx.post(server.url + "/classify", json={"input": "hello", "policies": ["toxicity"]}, timeout=10)
+        assert r.status_code == 200, r.text
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import training"], env=server.env, capture_output=True, text=True, timeout=60
+    )
+    assert blocked.returncode != 0 and "No module named 'training'" in blocked.stderr, "the blocker did not work"
 
 
 def test_entrypoint_command_runs_outside_the_image() -> None:

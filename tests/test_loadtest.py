@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from loadtests import run, soak
-from loadtests.common import Server, read_stats, run_locust
+from loadtests.common import read_stats, run_locust
+from service.localserver import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,7 @@ def test_locust_counts_unexpected_answers_as_failures(tiny_model_dir: Path, tmp_
     """The checks bite: when the server refuses batches and long texts (tight limits), Locust records those requests
     as failures while the short prompts still succeed."""
     limits = {"UNIGUARD_MAX_TEXTS_PER_REQUEST": "1", "UNIGUARD_MAX_TEXT_CHARS": "1000"}
-    server = Server(tiny_model_dir, tmp_path / "server.log", limits)
+    server = LocalServer(tiny_model_dir, settings=limits, log_path=tmp_path / "server.log")
     server.start()
     try:
         result = run_locust(server.url, 3, 3, 3, tmp_path / "locust", tags=["short", "batch", "long"])
@@ -74,7 +75,7 @@ def test_docker_healthcheck_command_passes_against_a_real_server(tiny_model_dir:
     text = (ROOT / "Dockerfile").read_text()
     snippets = re.findall(r'HEALTHCHECK .*?CMD \["python", "-c", "(.*?)"\]', text, flags=re.S)
     assert snippets, "no exec-form python HEALTHCHECK in the Dockerfile"
-    server = Server(tiny_model_dir, tmp_path / "server.log")
+    server = LocalServer(tiny_model_dir, log_path=tmp_path / "server.log")
     server.start()
     try:
         for code in set(snippets):

@@ -170,3 +170,30 @@ def test_default_yaml_files_are_valid() -> None:
     assert len(files) == 5
     for path in files:
         assert load_policy_file(path).name == path.stem
+
+
+def test_one_threshold_rule_follows_the_policy_text_not_the_name() -> None:
+    """A calibrated threshold applies only to the exact text it was calibrated on; then the file's explicit
+    threshold; then the model's default (zero-shot)."""
+    from dataclasses import dataclass, field
+
+    from policies.schema import PolicyRef
+    from policies.thresholds import policy_threshold
+
+    registry = PolicyRegistry.load()
+    tox = registry["toxicity"]
+
+    @dataclass
+    class Model:
+        thresholds: dict[str, float]
+        default_threshold: float = 0.3
+        policies: list[PolicyRef] = field(default_factory=list)
+
+    model = Model({"toxicity": 0.42}, policies=[PolicyRef.of(tox)])
+    assert policy_threshold(tox, model) == 0.42
+    edited = tox.model_copy(update={"description": tox.description + " Also rude emoji."})
+    assert edited.content_hash != tox.content_hash
+    assert policy_threshold(edited, model) == tox.threshold  # the file sets threshold: 0.5 explicitly
+    implicit = Policy(name="toxicity", description=edited.description, disallowed=edited.disallowed)
+    assert policy_threshold(implicit, model) == 0.3  # nothing explicit: the model's zero-shot default
+    assert policy_threshold(tox, None) == tox.threshold

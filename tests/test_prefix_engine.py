@@ -18,6 +18,10 @@ REGISTRY = PolicyRegistry.load()
 TEXTS = [p.instruction_text() for p in REGISTRY]
 
 
+def _gauge(metrics: str, name: str) -> float:
+    return float(next(line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+
 def _inline(i: int) -> str:
     policy = Policy(name=f"custom_{i}", description=f"Flags prompts about topic {i}.", disallowed=[f"topic {i}"])
     return policy.instruction_text()
@@ -98,12 +102,14 @@ async def test_service_serves_a_prefix_model_with_cache_metrics(tiny_prefix_mode
         for t, res in zip(texts, r.json()["results"], strict=True):
             for p in ("toxicity", "tax_advice"):
                 assert res["policies"][p]["score"] == pytest.approx(by_eval[(p, t)], abs=1e-6)
-        r = await client.post("/classify", json={"input": "hi", "policies": [], "custom_policies": [inline]})
-        assert r.status_code == 200, r.text
+        before = _gauge((await client.get("/metrics")).text, 'uniguard_policy_cache_policies{kind="inline"}')
+        for text in ("hi", "hello again"):  # the second request reuses the cached inline policy
+            r = await client.post("/classify", json={"input": text, "policies": [], "custom_policies": [inline]})
+            assert r.status_code == 200, r.text
         metrics = (await client.get("/metrics")).text
+    assert _gauge(metrics, 'uniguard_policy_cache_policies{kind="inline"}') == before + 1
     registry = len(PolicyRegistry.load())
     assert f'uniguard_policy_cache_policies{{kind="registry"}} {float(registry)}' in metrics
-    assert 'uniguard_policy_cache_policies{kind="inline"} 1.0' in metrics
     per_policy = 2 * 2 * 2 * 50 * 16 * 4 + 50 * 8  # layers x (k, v) x heads x P x head_dim x float32, + mask
     assert f"uniguard_policy_cache_bytes_per_policy {float(per_policy)}" in metrics
 

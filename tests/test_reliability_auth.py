@@ -18,7 +18,9 @@ BODY = {"input": "hello", "policies": ["toxicity"]}
 
 
 async def test_keys_required_when_configured(tiny_model_dir: Path, tiny_engine: OnnxEngine) -> None:
-    settings = make_settings(tiny_model_dir, api_key_hashes=[hash_key(KEY), hash_key(OTHER_KEY).upper()])
+    settings = make_settings(
+        tiny_model_dir, api_key_hashes=[hash_key(KEY), hash_key(OTHER_KEY).upper()], admin_enabled=True
+    )
     async with running_app(settings, lambda s: tiny_engine) as (_app, client):
         for headers in (
             {},
@@ -58,6 +60,32 @@ async def test_keys_required_when_configured(tiny_model_dir: Path, tiny_engine: 
         assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
         assert schema["paths"]["/classify"]["post"]["security"] == [{"apiKey": []}]
         assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
+ADMIN_KEY = "uk-admin-only-99"
+
+
+async def test_admin_endpoints_are_off_unless_enabled_or_keyed(tiny_model_dir: Path, tiny_engine: OnnxEngine) -> None:
+    # default: disabled, whatever the caller sends (and no API keys configured: it would be open to anyone)
+    async with running_app(make_settings(tiny_model_dir), lambda s: tiny_engine) as (_app, client):
+        r = await client.post("/admin/reload-policies")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "admin_disabled", r.text
+        assert "UNIGUARD_ADMIN_KEY_HASHES" in r.json()["error"]["message"]
+        assert (await client.post("/classify", json=BODY)).status_code == 200  # the rest stays open
+    # an admin key enables them for that key only (an API key is not enough)
+    settings = make_settings(tiny_model_dir, api_key_hashes=[hash_key(KEY)], admin_key_hashes=[hash_key(ADMIN_KEY)])
+    async with running_app(settings, lambda s: tiny_engine) as (_app, client):
+        for headers in ({}, {"authorization": f"Bearer {KEY}"}, {"authorization": "Bearer nope"}):
+            r = await client.post("/admin/reload-policies", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (headers, r.text)
+        r = await client.post("/admin/reload-policies", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 200 and "toxicity" in r.json()["policies"], r.text
+        # the admin key is not an API key
+        r = await client.post("/classify", json=BODY, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 401
+    # the explicit switch enables them without an admin key
+    async with running_app(make_settings(tiny_model_dir, admin_enabled=True), lambda s: tiny_engine) as (_a, client):
+        assert (await client.post("/admin/reload-policies")).status_code == 200
 
 
 async def test_probes_can_require_the_key(tiny_model_dir: Path, tiny_engine: OnnxEngine) -> None:

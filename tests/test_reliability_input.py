@@ -41,7 +41,30 @@ def _check_error(r: httpx.Response, status: int, code: str, field: str | None = 
 
 
 JSON_CASES: list[tuple[str, Any, int, str, str | None]] = [
-    ("wrong type of input", {"input": 5}, 422, "invalid_request", "input.str"),
+    ("wrong type of input", {"input": 5}, 422, "invalid_request", "input"),
+    ("list of numbers as input", {"input": ["ok", 7]}, 422, "invalid_request", "input.1"),
+    (
+        "boolean threshold",
+        {"input": "hi", "thresholds": {"toxicity": True}},
+        422,
+        "invalid_request",
+        "thresholds.toxicity",
+    ),
+    (
+        "string threshold",
+        {"input": "hi", "thresholds": {"toxicity": "0.5"}},
+        422,
+        "invalid_request",
+        "thresholds.toxicity",
+    ),
+    (
+        "boolean inline threshold",
+        {"input": "hi", "custom_policies": [{**INLINE, "threshold": True}]},
+        422,
+        "invalid_request",
+        "custom_policies.0.threshold",
+    ),
+    ("not an object", ["hi"], 422, "invalid_request", None),
     ("wrong type of policies", {"input": "hi", "policies": "toxicity"}, 422, "invalid_request", "policies"),
     ("unknown field", {"input": "hi", "text": "hi"}, 422, "invalid_request", "text"),
     ("missing input", {"policies": ["toxicity"]}, 422, "invalid_request", "input"),
@@ -127,6 +150,25 @@ async def test_malformed_json_requests(tiny_model_dir: Path, tiny_engine: OnnxEn
             r = await client.post("/classify", content=json.dumps(body), headers={"content-type": "application/json"})
             err = _check_error(r, status, code, field)
             assert "\ud800" not in err.error.message, label
+            # plain words: no validator internals in the message
+            for internal in ("Value error", "list[str]", "input.str", "Input should", "float_type"):
+                assert internal not in err.error.message, (label, err.error.message)
+        # the messages say what is wrong in plain words, naming the field
+        messages = {}
+        for body in ({"input": 5}, {"input": "hi", "thresholds": {"toxicity": "0.5"}}, {"input": "hi", "extra": 1}):
+            r = await client.post("/classify", json=body)
+            messages[json.dumps(body)] = r.json()["error"]["message"]
+        assert list(messages.values()) == [
+            "input must be a string or a list of strings",
+            "thresholds must map policy names to numbers between 0 and 1 (not strings or booleans)",
+            "extra is not a request field; the fields are input, policies, custom_policies, thresholds, fail_mode",
+        ], messages
+        # deeply nested JSON is a documented 400, not an undocumented code
+        nested = "[" * 1900 + "]" * 1900
+        r = await client.post(
+            "/classify", content='{"input": ' + nested + "}", headers={"content-type": "application/json"}
+        )
+        assert r.status_code in (400, 422) and r.json()["error"]["code"] in ("invalid_json", "invalid_request"), r.text
         # the limits are what the settings say: one under each limit passes
         ok = {"input": ["a", "b", "x" * 100], "policies": ["toxicity"], "custom_policies": [INLINE]}
         assert (await client.post("/classify", json=ok)).status_code == 200

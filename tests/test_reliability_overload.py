@@ -22,7 +22,7 @@ async def test_flood_of_20x_the_queue_is_bounded(tiny_model_dir: Path, tiny_engi
     flood = 20 * MAX_QUEUE
     async with running_app(settings, lambda s: slow) as (app, client):  # type: ignore[arg-type,return-value]
         state = app.state.uniguard
-        batcher = state.batcher
+        batcher = state.guard.batcher
         deepest = {"depth": 0}
         gauge = state.metrics.queue_depth
         set_depth = gauge.set
@@ -59,6 +59,7 @@ async def test_flood_of_20x_the_queue_is_bounded(tiny_model_dir: Path, tiny_engi
         assert codes.count(200) >= 2 * MAX_QUEUE // 2, "the queue should keep serving during the flood"
         assert deepest["depth"] <= MAX_QUEUE, f"queue grew to {deepest['depth']} windows (bound {MAX_QUEUE})"
         assert batcher.depth == 0 and state.inflight == 0
+        assert state.guard.admission.saturated_for() > 0, "refusals for a full queue count as saturation"
         mib = 1024 * 1024
         # the peak holds the flood's 240 in-flight requests (client and server side); it must not scale with
         # the queue, and nothing may be retained once the flood is over

@@ -41,7 +41,7 @@ async def test_prompts_never_reach_logs_or_cache(
             broken.broken = True
             r = await client.post("/classify", json={"input": SECRET + " again", "policies": ["toxicity"]})
             assert r.status_code == 503
-            cache = app.state.uniguard.cache
+            cache = app.state.uniguard.guard.cache
             stored = repr(cache._data)
     assert "ocelot" not in stored and "hunter2" not in stored
     lines = [formatter.format(record) for record in caplog.records]

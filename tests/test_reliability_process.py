@@ -4,10 +4,8 @@ prompts, and a Redis that times out, drops connections and restarts under concur
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from uniguard.local_server import serve_command
+from service.localserver import LocalServer, free_port, serve_command, server_env
 
 SECRET = "zebra-quokka-7731 please rate my pineapple ransom letter"
 GOOD_POLICY = """name: {name}
@@ -33,15 +31,8 @@ allowed:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIGUARD_")}
-    return {**env, "HF_HUB_OFFLINE": "1", "UNIGUARD_REDIS_URL": "", "UNIGUARD_WARMUP_BATCHES": "1", **settings}
+    return server_env({"UNIGUARD_REDIS_URL": "", "UNIGUARD_WARMUP_BATCHES": "1", **settings}, inherit_settings=False)
 
 
 def _serve_cmd(model: Path | str, port: int) -> list[str]:
@@ -51,30 +42,15 @@ def _serve_cmd(model: Path | str, port: int) -> list[str]:
 @contextmanager
 def _server(model: Path, log: Path, **settings: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`uniguard serve` on a free port with stderr (the JSON log) in ``log``; SIGTERM (then SIGKILL) at the end."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(_serve_cmd(model, port), env=_env(**settings), stdout=sink, stderr=sink)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"serve exited with {proc.returncode}: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve was not ready in 60 s"
-            time.sleep(0.1)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    server = LocalServer(
+        model,
+        settings={"UNIGUARD_REDIS_URL": "", "UNIGUARD_WARMUP_BATCHES": "1", **settings},
+        log_path=log,
+        inherit_settings=False,
+    )
+    with server:
+        assert server.proc is not None
+        yield server.proc, server.url
 
 
 def _log_lines(log: Path) -> list[dict[str, Any]]:
@@ -111,7 +87,7 @@ def test_startup_refuses_bad_model_policy_or_setting(tiny_model_dir: Path, tmp_p
     config = tmp_path / "settings.yaml"
     config.write_text("max_batch_size: many\n")
 
-    port = _free_port()  # never bound: every case must exit before listening
+    port = free_port()  # never bound: every case must exit before listening
     cases: list[tuple[str, list[str], dict[str, str], list[str]]] = [
         ("missing model", _serve_cmd(tmp_path / "no-such-model", port), {}, ["no-such-model", "UNIGUARD_MODEL_DIR"]),
         ("corrupt model", _serve_cmd(corrupt, port), {}, [str(corrupt / "model.onnx"), "checksum mismatch"]),
@@ -166,6 +142,7 @@ def test_sigterm_drains_in_flight_requests_and_logs_are_json_without_prompts(
         "UNIGUARD_MAX_WAIT_MS": "0",
         "UNIGUARD_CACHE_MAX_ENTRIES": "0",
         "UNIGUARD_MAX_QUEUE": "100000",
+        "UNIGUARD_ADMIN_ENABLED": "true",
     }
     with _server(tiny_model_dir, log, **settings) as (proc, url):
         client = httpx.Client(base_url=url, timeout=30)
@@ -268,7 +245,7 @@ class _Redis:
 
     def __init__(self, folder: Path) -> None:
         assert shutil.which("redis-server"), "redis-server is required (make redis installs it)"
-        self.port, self.folder = _free_port(), folder
+        self.port, self.folder = free_port(), folder
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -30,7 +30,7 @@ async def test_concurrent_requests_are_batched_and_identical_to_unbatched(
     ]
     settings = make_settings(tiny_model_dir, cache_max_entries=0, max_wait_ms=50, max_batch_size=64)
     async with running_app(settings, lambda s: tiny_engine) as (app, client):
-        batcher = app.state.uniguard.batcher
+        batcher = app.state.uniguard.guard.batcher
         before = batcher.batches_run
         responses = await asyncio.gather(*(client.post("/classify", json=r) for r in requests))
         batches = batcher.batches_run - before
@@ -60,7 +60,7 @@ async def test_full_queue_answers_429_with_retry_after(tiny_model_dir: Path, tin
             if r.status_code == 429:
                 assert r.headers["retry-after"] == "2"
                 assert r.json()["error"]["code"] == "overloaded" and "results" not in r.json()
-        assert app.state.uniguard.batcher.depth == 0
+        assert app.state.uniguard.guard.batcher.depth == 0
         metrics = (await client.get("/metrics")).text
         assert f"uniguard_queue_rejected_total {codes.count(429)}.0" in metrics
         assert (await client.post("/classify", json=body)).status_code == 200  # recovers

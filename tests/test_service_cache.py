@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -16,16 +15,11 @@ import redis
 
 from service.cache import CachedScore, LRUCache
 from service.engine import OnnxEngine
+from service.localserver import free_port
 from service.metrics import Metrics
 from tests.service_support import make_settings, running_app
 
 SECRET = "my secret prompt about zanzibar pineapples"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_redis(port: int, folder: Path) -> None:
@@ -69,7 +63,7 @@ def _stop_redis(port: int) -> None:
 def private_redis(tmp_path: Path) -> Iterator[int]:
     """A redis-server of our own on a random port (so we may stop it), shut down afterwards."""
     assert shutil.which("redis-server"), "redis-server is required (make redis installs it)"
-    port = _free_port()
+    port = free_port()
     _start_redis(port, tmp_path)
     yield port
     _stop_redis(port)

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.cli import register
+from service.localserver import LocalServer
 from uniguard.bench import make_prompt_mix
 from uniguard.cli import main
-from uniguard.local_server import free_port, wait_ready
 
 
 def test_serve_help_lists_every_setting() -> None:
@@ -28,56 +24,37 @@ def test_serve_help_lists_every_setting() -> None:
     help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     for name in Settings.model_fields:
         assert f"UNIGUARD_{name.upper()}" in help_text
-    assert "[default: 2048]" in help_text  # defaults are shown
+    assert "[default: 16384]" in help_text  # defaults are shown (UNIGUARD_MAX_QUEUE)
 
 
 def test_serve_process_then_bench_against_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`uniguard serve`: flags beat the environment, which beats the config file; `uniguard bench --url` measures
     it; SIGTERM drains and exits 0."""
-    port = free_port()
     config = tmp_path / "uniguard.yaml"
     config.write_text("max_texts_per_request: 2\nport: 1\n", encoding="utf-8")
-    env = {
-        **os.environ,
+    settings = {
         "UNIGUARD_PORT": "1",
         "UNIGUARD_MODEL_DIR": "/nonexistent",
         "UNIGUARD_CONFIG_FILE": str(config),
         "UNIGUARD_LOG_LEVEL": "warning",
         "UNIGUARD_REDIS_URL": "",
     }
-    cmd = [sys.executable, "-m", "uniguard", "serve", "--port", str(port), "--model", str(tiny_model_dir)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = LocalServer(tiny_model_dir, settings=settings, log_path=tmp_path / "serve.log")  # --port/--model flags
     out = tmp_path / "bench.json"
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, proc, timeout_s=60)
+        server.start(ready_timeout_s=60)
+        url = server.url
         r = httpx.post(url + "/classify", json={"input": "hello", "policies": ["toxicity"]}, timeout=10)
         assert r.status_code == 200 and r.json()["results"][0]["policies"]["toxicity"]["cached"] is False
         r = httpx.post(url + "/classify", json={"input": ["a", "b", "c"]}, timeout=10)  # limit from the config file
         assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_texts"
-        code = main(
-            [
-                "bench",
-                "--model",
-                str(tiny_model_dir),
-                "--url",
-                url,
-                "--seconds",
-                "0.3",
-                "--concurrency",
-                "1,4",
-                "--prompts",
-                "30",
-                "--json",
-                str(out),
-            ]
-        )
-        assert code == 0
+        bench = ["bench", "--model", str(tiny_model_dir), "--url", url, "--seconds", "0.3", "--concurrency", "1,4"]
+        assert main([*bench, "--prompts", "30", "--json", str(out)]) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert b"Traceback" not in err
+        code = server.stop()
+    log = server.log_tail(100_000)
+    assert code == 0, log[-2000:]
+    assert "Traceback" not in log
     result = json.loads(out.read_text())
     assert result["engine"]["single_stream"]["pairs_per_s"] > 0 and result["engine"]["batch32"]["pairs_per_s"] > 0
     assert [lv["concurrency"] for lv in result["service"]["levels"]] == [1, 4]

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def _common(p: argparse.ArgumentParser, out: str, minutes: float, epochs: int) -> None:
-    p.add_argument("--base", type=Path, help="Hugging Face encoder folder (default: all-MiniLM-L6-v2 package)")
+    p.add_argument("--base", type=Path, help="Hugging Face folder or named encoder: minilm (default), e5-small, mpnet")
     p.add_argument("--data", type=Path, help="shared JSONL data folder (default: $UNIGUARD_DATA_DIR or ../shared/data)")
     p.add_argument("--extra-data", type=Path, nargs="*", default=[], help="more JSONL files or folders")
     p.add_argument("--policies", type=Path, nargs="*", default=[], dest="policy_dirs", help="extra policy folders")
@@ -46,6 +46,9 @@ def register(sub: Any) -> None:
     _common(multi, "runs/multitask", 25.0, 2)
     multi.set_defaults(func=run_train, kind="multitask", policy=None)
     train.set_defaults(func=lambda a: train.print_help() or 2)
+    from training.encoders_cli import register as register_encoders
+
+    register_encoders(sub)  # encoders
 
     data = sub.add_parser("data", help="data reports and evaluation sets", description="Inspect the training data.")
     dsub = data.add_subparsers(dest="data_kind", metavar="KIND")
@@ -69,7 +72,22 @@ def register(sub: Any) -> None:
     rows.add_argument("--data", type=Path, help="shared JSONL data folder")
     rows.add_argument("--out", type=Path, required=True, help="folder for rows.jsonl and policies/")
     rows.set_defaults(func=run_data_evalset)
+    summ = dsub.add_parser("summary", help="Markdown table of a source-held-out `uniguard eval --json` report")
+    summ.add_argument("report", type=Path, help="eval JSON of a sho split (uniguard data evalset + uniguard eval)")
+    summ.add_argument("--heldout", type=Path, help="eval JSON of the hand-written held-out set (F1 where no source)")
+    summ.set_defaults(func=run_data_summary)
     data.set_defaults(func=lambda a: data.print_help() or 2)
+
+
+def run_data_summary(args: argparse.Namespace) -> int:
+    import json
+
+    from training.evalsets import summarise_eval
+
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    heldout = json.loads(args.heldout.read_text(encoding="utf-8")) if args.heldout else None
+    print(summarise_eval(report, heldout))
+    return 0
 
 
 def run_data_report(args: argparse.Namespace) -> int:

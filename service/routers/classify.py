@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.app import AppState
 from service.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from service.classifier import check_texts, effective_fail_mode, fail_open_response, resolve_policies
 from service.errors import ServiceError
-from service.routers.deps import get_state
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
+from service.state import StateDep
 
 router = APIRouter(tags=["classify"])
 
@@ -24,7 +22,7 @@ router = APIRouter(tags=["classify"])
     summary="Judge texts under policies",
     responses={504: {"model": ErrorResponse, "description": "deadline exceeded; no verdict"}},
 )
-async def classify(request: ClassifyRequest, state: Annotated[AppState, Depends(get_state)]) -> Response:
+async def classify(request: ClassifyRequest, state: StateDep) -> Response:
     """Scores every (text, policy) pair: score = P(unsafe), verdict unsafe when score >= threshold.
 
     Threshold precedence: the request's `thresholds` > the model's calibrated threshold for that exact policy text >
@@ -33,7 +31,8 @@ async def classify(request: ClassifyRequest, state: Annotated[AppState, Depends(
 
     Fail mode: when the service cannot classify (not ready, model error, shutting down, deadline), a fail-closed
     server (the default) answers 503/504 and never a verdict; a fail-open server answers 200 with `degraded: true`,
-    every verdict `safe` with `score: null` and `fail_open: true`. A full queue is always 429.
+    every verdict `safe` with `score: null` and `fail_open: true`. A full queue or a request that does not fit the
+    admission budget is always 429 (413 when the request alone is too costly for the deadline).
     """
     started = time.monotonic()
     settings = state.settings
@@ -43,17 +42,13 @@ async def classify(request: ClassifyRequest, state: Annotated[AppState, Depends(
     engine = state.engine
     registry, resolved = state.registry, state.resolved  # one consistent snapshot, even across a reload
     policies = resolve_policies(request, registry, engine.manifest if engine else None, settings, resolved)
-    classifier = state.classifier
     metrics = state.metrics
     try:
-        if not state.ready or classifier is None:
-            code = "model_unavailable" if state.load_error else "not_ready"
-            raise ServiceError(
-                503, code, f"the service cannot classify yet ({state.status})", headers={"Retry-After": "1"}
-            )
+        classifier = state.guard.check()
         return _json(await classifier.classify(texts, policies, mode))
     except QueueFullError as exc:
         metrics.queue_rejected.inc()
+        state.guard.admission.refused_for_capacity()
         raise ServiceError(
             429, "overloaded", f"{exc}; retry later", headers={"Retry-After": str(settings.retry_after_s)}
         ) from None

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Response
 
-from fastapi import APIRouter, Depends, Response
-
-from service.app import AppState
-from service.errors import ServiceError
 from service.metrics import CONTENT_TYPE
-from service.routers.deps import get_state
 from service.schemas import ErrorResponse, Health, Readiness, VersionInfo
+from service.state import StateDep
 
 router = APIRouter(tags=["operations"])
 
@@ -23,14 +19,15 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Ready: model loaded and warmed up",
-    responses={503: {"model": ErrorResponse, "description": "not ready; the message says why"}},
+    summary="Ready: model loaded and warmed up, and not saturated",
+    responses={503: {"model": ErrorResponse, "description": "not ready or saturated; the message says why"}},
 )
-async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Readiness:
-    if not state.ready or state.engine is None:
-        code = "model_unavailable" if state.load_error else "not_ready"
-        raise ServiceError(503, code, state.status, headers={"Retry-After": "1"})
-    return Readiness(ready=True, model=state.engine.model_id, detail=state.status)
+async def readyz(state: StateDep) -> Readiness:
+    """503 until the model is loaded and warmed up, while shutting down, and once the service has been saturated
+    (admitted work fills the budget, or requests are refused for capacity) for UNIGUARD_READINESS_GRACE_S, so a
+    load balancer drains the pod; /healthz stays liveness only."""
+    detail = state.readiness()
+    return Readiness(ready=True, model=state.guard.model_id, detail=detail)
 
 
 @router.get(
@@ -39,14 +36,14 @@ async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Readiness:
     response_class=Response,
     responses={200: {"description": "Prometheus text", "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
 )
-async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
-    if state.batcher is not None:
-        state.metrics.queue_depth.set(state.batcher.depth)
+async def metrics(state: StateDep) -> Response:
+    if state.guard.batcher is not None:
+        state.metrics.queue_depth.set(state.guard.batcher.depth)
     return Response(content=state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/version", response_model=VersionInfo, summary="Service and model versions")
-async def version(state: Annotated[AppState, Depends(get_state)]) -> VersionInfo:
+async def version(state: StateDep) -> VersionInfo:
     from uniguard import __version__
 
     engine = state.engine

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter
 
-from fastapi import APIRouter, Depends
-
+from policies.registry import group_of
 from policies.schema import Policy
-from service.app import AppState
 from service.classifier import registry_threshold
 from service.errors import ServiceError
-from service.routers.deps import get_state
 from service.schemas import ErrorResponse, PolicyInfo, PolicyList
+from service.state import AppState, StateDep
 
 router = APIRouter(tags=["policies"])
 
@@ -32,12 +30,18 @@ def _info(policy: Policy, state: AppState) -> PolicyInfo:
         threshold=threshold,
         enabled_by_default=policy.enabled_by_default,
         known_to_model=known,
+        group=group_of(policy),
+        category_group=policy.category_group,
+        response=policy.response,
     )
 
 
-@router.get("/policies", response_model=PolicyList, summary="The registry's policies")
-async def list_policies(state: Annotated[AppState, Depends(get_state)]) -> PolicyList:
-    return PolicyList(policies=[_info(p, state) for p in state.registry])
+@router.get("/policies", response_model=PolicyList, summary="The registry's policies, and their groups")
+async def list_policies(state: StateDep) -> PolicyList:
+    """Every policy, in registry order, and the groups a request may name in `policies` (defaults, categories,
+    custom)."""
+    registry = state.registry
+    return PolicyList(policies=[_info(p, state) for p in registry], groups=registry.groups)
 
 
 @router.get(
@@ -46,7 +50,7 @@ async def list_policies(state: Annotated[AppState, Depends(get_state)]) -> Polic
     summary="One policy",
     responses={404: {"model": ErrorResponse, "description": "no such policy"}},
 )
-async def get_policy(name: str, state: Annotated[AppState, Depends(get_state)]) -> PolicyInfo:
+async def get_policy(name: str, state: StateDep) -> PolicyInfo:
     if name not in state.registry:
         raise ServiceError(404, "unknown_policy", f"no policy named {name!r}; GET /policies lists them", field="name")
     return _info(state.registry[name], state)
