@@ -225,3 +225,35 @@ def test_prefix_batches_group_rows_by_policy_text() -> None:
     assert all(len(b) <= 16 for b in batches) and sum(len(b) == 16 for b in batches) >= 4
     assert all(len({e.policy for _, e in b}) <= 4 for b in batches)
     assert len(chosen) == sum(-(-20 // 4) for _ in range(5))  # one text choice per piece of 4 rows
+
+
+def test_fpr_floor_keeps_benign_false_positives_within_the_cap() -> None:
+    import numpy as np
+
+    from training.train import fpr_floor
+
+    benign = np.array([0.01, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.95])
+    for cap in (0.0, 0.1, 0.2, 0.55):
+        t = fpr_floor(benign, cap)
+        assert (benign >= t).mean() <= cap + 1e-12
+        assert (benign >= np.nextafter(t, 0) - 1e-9).mean() > cap or t == 0.0  # the lowest such threshold
+    assert fpr_floor(np.array([]), 0.03) == 0.0 and fpr_floor(benign, 1.0) == 0.0
+
+
+def test_prefix_recipe_leaves_room_for_the_longest_default_policy() -> None:
+    from training.corpus import DEFAULT_POLICIES, load_policies
+    from training.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.mode == "prefix" and cfg.encoding.mode == "prefix"
+    from tokenizers import Tokenizer
+
+    from tests.tinymodel import base_encoder_dir
+
+    tok = Tokenizer.from_file(str(base_encoder_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    policies = load_policies()
+    longest = max(len(tok.encode("Instruct: " + policies[p].instruction_text()).ids) for p in DEFAULT_POLICIES)
+    assert longest <= cfg.encoding.max_policy_tokens < cfg.encoding.max_length - 64
+    assert TrainConfig(mode="full").encoding.mode == "full"

@@ -15,7 +15,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +87,18 @@ class TrainConfig(BaseModel):
     es_max_per_policy: tuple[int, int] = (80, 24)  # (default policies, others)
     val_cap: int = 60
     val_max_per_policy: tuple[int, int] = (200, 48)
+    # Source-held-out validation (whole sources never trained, training/data.py HELDOUT_SOURCES): early stopping
+    # reads it beside the in-source val split, and a policy's threshold is calibrated on it when it holds at least
+    # sho_min_rows of each label (else on the in-source val split).
+    sho_es_cap: int = 12
+    sho_val_cap: int = 60
+    sho_max_per_policy: tuple[int, int] = (300, 48)
+    sho_min_rows: int = 30
+    # Over-defense: a threshold never lets more than this share of everyday benign prompts (benign/ sources) or of
+    # held-out trigger-word benign prompts through as unsafe on the calibration rows (margins below the 3% / 10%
+    # targets of issue 13).
+    max_fpr_everyday: float = 0.02
+    max_fpr_trigger: float = 0.07
     eval_max_chars: int = 4000
     threads: int = 2
     bf16: bool = False  # bfloat16 autocast: oneDNN re-JITs kernels for every new shape on CPU (slow)
@@ -95,6 +107,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _mode_is_the_encoding_mode(self) -> TrainConfig:
+        if "encoding" not in self.model_fields_set and self.mode == "prefix":
+            # The policy is encoded once, so its length costs little: room for the longest default policy text
+            # (~185 tokens) and a long query window (MiniLM and e5 have 512 positions).
+            self.encoding = EncodingConfig(mode="prefix", max_length=512, max_policy_tokens=224)
         if self.encoding.mode != self.mode:
             self.encoding = self.encoding.model_copy(update={"mode": self.mode})
         return self
@@ -329,6 +345,8 @@ class EvalSets:
     calibration: list[Example]
     zero_shot: list[Example]
     defaults: tuple[str, ...]  # the registry's default policies: a larger share of every capped set
+    sho_early_stop: list[Example] = field(default_factory=list)  # source-held-out (sho_val) rows
+    sho_calibration: list[Example] = field(default_factory=list)
 
 
 def _capped(
@@ -347,12 +365,15 @@ def evaluation_sets(cfg: TrainConfig, corpus: Corpus) -> EvalSets:
     defaults = DEFAULT_POLICIES  # the registry's enabled_by_default policies
     val_all = corpus.select("val", trained)
     held_out = [e for e in corpus.examples if e.policy in corpus.holdout and (e.split != "train" or e.kind != "cross")]
+    sho_all = corpus.select("sho_val", trained)
     return EvalSets(
         train=corpus.select("train", trained),
         early_stop=_capped(val_all, defaults, cfg.es_cap, cfg.seed, cfg.es_max_per_policy),
         calibration=_capped(val_all, defaults, cfg.val_cap, cfg.seed, cfg.val_max_per_policy),
         zero_shot=_capped(held_out, defaults, cfg.val_cap, cfg.seed, cfg.val_max_per_policy),
         defaults=defaults,
+        sho_early_stop=_capped(sho_all, defaults, cfg.sho_es_cap, cfg.seed, cfg.sho_max_per_policy),
+        sho_calibration=_capped(sho_all, defaults, cfg.sho_val_cap, cfg.seed, cfg.sho_max_per_policy),
     )
 
 
@@ -375,6 +396,8 @@ class Calibration(BaseModel):
     val: dict[str, BinaryMetrics]
     val_source_macro: dict[str, float]
     zero_shot: dict[str, BinaryMetrics]
+    sho_val: dict[str, BinaryMetrics] = Field(default_factory=dict)  # at the thresholds, on the held-out sources
+    calibrated_on: dict[str, str] = Field(default_factory=dict)  # per policy: which rows set its threshold
 
 
 class Trainer:
@@ -428,16 +451,40 @@ class Trainer:
 
     # -- evaluation and budget --------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
+        """Macro-F1 on the in-source val split and on the source-held-out val rows; the model is chosen on their
+        mean (SHO alone would ignore the policies that have no held-out source)."""
         t = time.monotonic()
-        examples = self.sets.early_stop
+        examples = self.sets.early_stop + self.sets.sho_early_stop
         scores = score_examples(self.model, self.encoder, examples, self.canonical, self.cfg.eval_max_chars)
         self.eval_rate = len(examples) / max(time.monotonic() - t, 1e-6)
-        metrics = per_policy_metrics(examples, scores)
-        value = macro([m.f1 for m in metrics.values()])
+        n_in = len(self.sets.early_stop)
+        metrics = per_policy_metrics(examples[:n_in], scores[:n_in])
+        in_source = macro([m.f1 for m in metrics.values()])
         dflt = macro([m.f1 for p, m in metrics.items() if p in self.sets.defaults])
+        sho_examples = examples[n_in:]
+        sho_metrics = per_policy_metrics(sho_examples, scores[n_in:]).values()
+        sho = [m.f1 for m in sho_metrics if 0 < m.positives < m.support]  # policies with both labels held out
+        sho_macro = macro(sho) if sho else in_source
+        value = (in_source + sho_macro) / 2
         seconds = time.monotonic() - self.started
-        self.history.append({"step": step, "macro_f1": value, "default_macro_f1": dflt, "seconds": seconds})
-        log.info("step %d: val macro-F1 %.4f (defaults %.4f); %.1f pairs/s", step, value, dflt, self.eval_rate)
+        self.history.append(
+            {
+                "step": step,
+                "macro_f1": in_source,
+                "default_macro_f1": dflt,
+                "sho_macro_f1": sho_macro,
+                "score": value,
+                "seconds": seconds,
+            }
+        )
+        log.info(
+            "step %d: val macro-F1 %.4f (defaults %.4f), source-held-out %.4f; %.1f pairs/s",
+            step,
+            in_source,
+            dflt,
+            sho_macro,
+            self.eval_rate,
+        )
         if value > self.best_score:
             self.best_score, self.best_state, self.best_step = value, copy.deepcopy(self.model.state_dict()), step
             self.bad_evals = 0
@@ -447,7 +494,7 @@ class Trainer:
     def reserve_seconds(self) -> float:
         """Time kept for calibration and zero-shot scoring at the end, from the measured evaluation speed."""
         rate = self.eval_rate or 30.0
-        return (len(self.sets.calibration) + len(self.sets.zero_shot)) / rate + 30.0
+        return (len(self.sets.calibration) + len(self.sets.sho_calibration) + len(self.sets.zero_shot)) / rate + 30.0
 
     # -- batches ----------------------------------------------------------------------------------
     def epoch_batches(self) -> list[list[tuple[Window, Example]]]:
@@ -575,14 +622,56 @@ class Trainer:
         )
 
 
-def calibrate(model: Any, encoder: InstructionEncoder, sets: EvalSets, policy_texts: dict[str, str]) -> Calibration:
-    """Per-policy thresholds (best F1) on the calibration pairs; ``default_threshold`` on the non-default policies'
-    pairs pooled (custom and unseen policies get it); zero-shot metrics of the held-out policies at it."""
-    val = sets.calibration
-    log.info("calibrating thresholds on %d validation pairs", len(val))
-    val_scores = score_examples(model, encoder, val, policy_texts)
-    val_metrics = per_policy_metrics(val, val_scores)
-    thresholds = {p: m.threshold for p, m in val_metrics.items()}
+def fpr_floor(scores: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold at which at most ``max_fpr`` of these safe rows score as unsafe (0 without rows)."""
+    if scores.size == 0:
+        return 0.0
+    allowed = int(np.floor(max_fpr * scores.size))
+    ordered = np.sort(scores)[::-1]
+    if allowed >= ordered.size:
+        return 0.0
+    return float(np.nextafter(ordered[allowed], 1.0))  # just above the first score that must stay safe
+
+
+def calibrate(
+    cfg: TrainConfig, model: Any, encoder: InstructionEncoder, sets: EvalSets, policy_texts: dict[str, str]
+) -> Calibration:
+    """Per-policy thresholds: best F1 on the source-held-out validation rows when they hold ``sho_min_rows`` of each
+    label, else on the in-source validation rows; never below the floor that keeps the false-positive rate on
+    everyday benign prompts within ``max_fpr_everyday`` and on held-out trigger-word prompts within
+    ``max_fpr_trigger``. ``default_threshold`` on the non-default policies' in-source rows pooled (custom and unseen
+    policies get it); zero-shot metrics of the held-out policies at it."""
+    from training.data import TRIGGER_WORD_SOURCES
+
+    val, sho = sets.calibration, sets.sho_calibration
+    log.info("calibrating thresholds on %d in-source and %d source-held-out validation pairs", len(val), len(sho))
+    scores = score_examples(model, encoder, val + sho, policy_texts)
+    val_scores, sho_scores = scores[: len(val)], scores[len(val) :]
+    everyday = [(e, sc) for e, sc in zip(val + sho, scores, strict=True) if e.label == 0 and _everyday(e)]
+    trigger = [
+        (e, sc) for e, sc in zip(sho, sho_scores, strict=True) if e.label == 0 and e.source in TRIGGER_WORD_SOURCES
+    ]
+    thresholds: dict[str, float] = {}
+    calibrated_on: dict[str, str] = {}
+    for policy in sorted({e.policy for e in val} | {e.policy for e in sho}):
+        held = [(e.label, sc) for e, sc in zip(sho, sho_scores, strict=True) if e.policy == policy]
+        labels = [y for y, _ in held]
+        use_sho = min(labels.count(0), labels.count(1)) >= cfg.sho_min_rows
+        rows = held if use_sho else [(e.label, sc) for e, sc in zip(val, val_scores, strict=True) if e.policy == policy]
+        if not rows:
+            continue
+        floor = max(
+            fpr_floor(np.array([sc for e, sc in everyday if e.policy == policy]), cfg.max_fpr_everyday),
+            fpr_floor(np.array([sc for e, sc in trigger if e.policy == policy]), cfg.max_fpr_trigger),
+        )
+        y = np.array([r[0] for r in rows])
+        s = np.array([r[1] for r in rows])
+        thresholds[policy] = calibrate_threshold(s, y, bounds=(max(0.05, min(floor, 0.95)), 0.95))
+        calibrated_on[policy] = ("source-held-out val" if use_sho else "in-source val") + (
+            f", floor {floor:.3f}" if floor > 0.05 else ""
+        )
+    val_metrics = per_policy_metrics(val, val_scores, thresholds=thresholds)
+    sho_metrics = per_policy_metrics(sho, sho_scores, thresholds=thresholds) if sho else {}
     pooled = [i for i, e in enumerate(val) if e.policy not in sets.defaults] or list(range(len(val)))
     default_threshold = calibrate_threshold(val_scores[pooled], np.array([val[i].label for i in pooled]))
     zero_shot: dict[str, BinaryMetrics] = {}
@@ -595,7 +684,16 @@ def calibrate(model: Any, encoder: InstructionEncoder, sets: EvalSets, policy_te
         val=val_metrics,
         val_source_macro=source_macro(val, val_scores, thresholds),
         zero_shot=zero_shot,
+        sho_val=sho_metrics,
+        calibrated_on=calibrated_on,
     )
+
+
+def _everyday(e: Example) -> bool:
+    """An everyday benign prompt (the benign files), as opposed to a hard negative."""
+    from training.data import EVERYDAY_BENIGN_SOURCES
+
+    return (e.kind == "benign" and e.source != "clinc150_meta") or e.source in EVERYDAY_BENIGN_SOURCES
 
 
 def checkpoint_meta(
@@ -623,6 +721,9 @@ def checkpoint_meta(
             "val_macro_f1": macro([m.f1 for m in cal.val.values()]),
             "val_default_macro_f1": macro([m.f1 for p, m in cal.val.items() if p in sets.defaults]),
             "val_source_macro_accuracy": cal.val_source_macro,
+            "sho_val": dump(cal.sho_val),
+            "sho_val_macro_f1": macro([m.f1 for m in cal.sho_val.values() if 0 < m.positives < m.support]),
+            "calibrated_on": cal.calibrated_on,
             "zero_shot": dump(cal.zero_shot),
             "zero_shot_macro_f1": macro([m.f1 for m in cal.zero_shot.values()]),
             "history": run.history,
@@ -687,7 +788,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> CheckpointMeta:
     encoder = encoder_from_config(Tokenizer.from_file(str(base / "tokenizer.json")), cfg.encoding)
     trainer = Trainer(cfg, model, encoder, base / "tokenizer.json", corpus, sets, started)
     run = trainer.run(deadline)
-    cal = calibrate(model, encoder, sets, trainer.canonical)
+    cal = calibrate(cfg, model, encoder, sets, trainer.canonical)
     meta = checkpoint_meta(cfg, base, corpus, sets, run, cal, started)
     save_checkpoint(cfg.out, model, base, meta)
     log.info("saved %s in %.1f min", cfg.out, (time.monotonic() - started) / 60)
