@@ -363,6 +363,7 @@ def test_model_card(int8_export: Path) -> None:
     ):
         assert heading in card
     assert "| toxicity | 0.500 |" in card and "Apache-2.0" in card and "| **macro** |" in card
+    assert "Attention mode `full`" in card
     assert "verdict agreement" in card and "model.onnx" in card
     Manifest.load(int8_export)  # the card is not part of the checksummed files
 
