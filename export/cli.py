@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import sys
 from collections.abc import Sequence
@@ -34,10 +33,12 @@ def load_val_rows(
     hash split puts there (``val`` by default, so a whole data folder can be passed without
     measuring on training rows; ``all`` keeps every row). The checkpoint's own policies (the exact
     text it was trained with) win; other names come from the registry (default policies plus
-    ``policy_dirs``). With ``max_per_policy``, a seeded random sample of that many rows per policy
-    is kept.
+    ``policy_dirs``). Rows of the ``benign`` pseudo-policy (safe under every policy: the corpus spreads them,
+    ``uniguard data evalset`` writes them out per policy) are skipped. With ``max_per_policy``, a seeded random
+    sample of that many rows per policy is kept.
     """
     from policies.registry import PolicyRegistry
+    from training.corpus import BENIGN_POLICY
     from training.data import DataError, clean_rows, in_split, load_rows
 
     instructions = {p.name: p.instruction_text for p in meta.policies}
@@ -48,7 +49,7 @@ def load_val_rows(
         raise SystemExit(f"uniguard export: --val: {exc}") from exc
     by_policy: dict[str, list[tuple[str, str, int]]] = {}
     for row in rows_read:
-        if not in_split(row, split):
+        if not in_split(row, split) or row.policy == BENIGN_POLICY:  # benign rows name no policy of their own
             continue
         if row.policy not in instructions:
             if row.policy not in registry:
@@ -137,8 +138,6 @@ def run_export(args: argparse.Namespace) -> int:
     from export.parity import ParityError
     from training.meta import CheckpointMeta
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("uniguard.export").setLevel(logging.INFO)
     try:
         meta = CheckpointMeta.load(args.model)
     except (FileNotFoundError, ValidationError) as exc:

@@ -64,6 +64,12 @@ def render_model_card(folder: Path, manifest: Manifest, extra: dict[str, Any] | 
         f"- Max sequence length {m.encoding.max_length} tokens (policy part {m.encoding.min_policy_tokens}–"
         f"{m.encoding.max_policy_tokens}); longer prompts are scored in windows overlapping by "
         f"{m.encoding.window_overlap} tokens (score = max over windows)",
+        f"- Attention mode `{m.encoding.mode}`: "
+        + (
+            "prefix (each policy's keys/values are computed once and cached; only the prompt reads them)"
+            if m.encoding.mode == "prefix"
+            else "full (every token attends to every token)"
+        ),
         f"- Created {m.created_at}; manifest schema v{m.schema_version}",
     ]
     quant = m.export.get("quantization")

@@ -135,6 +135,13 @@ def load_candidates(folders: Sequence[Path]) -> list[Candidate]:
     configs = [read_config(f) for f in folders]
     states = [{k: (v.float() if v.is_floating_point() else v) for k, v in load_state_dict(f).items()} for f in folders]
     check_compatible(folders, configs, states)
+    modes = {f: m.encoding.mode for f, m in zip(folders, metas, strict=True)}
+    if len(set(modes.values())) > 1:
+        detail = ", ".join(f"{f}: {mode}" for f, mode in modes.items())
+        raise MergeError(
+            f"cannot merge checkpoints trained in different modes ({detail}): the same weights are read differently "
+            "in prefix and full mode; merge candidates of one mode"
+        )
     return [Candidate(f, m, c, s) for f, m, c, s in zip(folders, metas, configs, states, strict=True)]
 
 

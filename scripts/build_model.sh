@@ -17,6 +17,7 @@ MERGE_ROWS=${MERGE_ROWS:-200}         # validation rows per policy in each of th
 TARGET_FPR=${TARGET_FPR:-0.1}         # thresholds: best recall with validation FPR <= this
 SKIP_MERGE=${SKIP_MERGE:-0}           # 1: export the MultiTaskGuard as it is
 SKIP_TRAIN=${SKIP_TRAIN:-0}           # 1: reuse the checkpoints already in RUNS (resume after training)
+MODE=${MODE:-prefix}                  # attention mode of every model trained: prefix (default) or full (0.2.0's)
 
 [ -d "$DATA" ] || { echo "build_model: $DATA is not a folder (pass the shared data folder)" >&2; exit 2; }
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
@@ -25,14 +26,14 @@ mkdir -p "$RUNS"
 
 if [ "$SKIP_TRAIN" != 1 ]; then
   echo "== 1/5 MultiTaskGuard ($MT_MINUTES min budget)"
-  "$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --max-minutes "$MT_MINUTES"
+  "$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --max-minutes "$MT_MINUTES" --mode "$MODE"
 fi
 candidates=("$RUNS/multitask")
 for policy in $TG_POLICIES; do
   if [ "$SKIP_TRAIN" != 1 ]; then
     echo "== 2/5 TaskGuard $policy ($TG_MINUTES min budget)"
     "$BIN/uniguard" train taskguard --policy "$policy" --data "$DATA" --out "$RUNS/taskguard-$policy" \
-      --max-minutes "$TG_MINUTES"
+      --max-minutes "$TG_MINUTES" --mode "$MODE"
   fi
   candidates+=("$RUNS/taskguard-$policy")
 done

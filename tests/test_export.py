@@ -39,6 +39,48 @@ def synthetic_rows(meta: CheckpointMeta) -> list[tuple[str, str, int]]:
     return rows  # 4 policies x 5 frames x 16 words = 320 rows
 
 
+def fit_synthetic(tiny_checkpoint: Path, out: Path, mode: str, max_steps: int) -> Path:
+    """Copy the tiny checkpoint and train it (in ``mode``) on the synthetic rows until it fits them."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import BertForSequenceClassification
+
+    from policies.instruction import encoder_from_config
+    from scoring.core import pair_windows
+    from training.predict import TorchBackend
+
+    shutil.copytree(tiny_checkpoint, out)
+    meta = CheckpointMeta.load(out)
+    meta.encoding = meta.encoding.model_copy(update={"mode": mode})
+    rows = synthetic_rows(meta)
+    encoder = encoder_from_config(Tokenizer.from_file(str(out / TOKENIZER_FILE)), meta.encoding)
+    windows = [ws[0] for ws in pair_windows(encoder, [(p, q) for p, q, _ in rows])]
+    labels = torch.tensor([label for _, _, label in rows])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is as fast and does not oversubscribe
+    torch.manual_seed(0)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = BertForSequenceClassification.from_pretrained(out, **no_dropout).train()
+    backend = TorchBackend(model, encoder.pad_id)  # the Hugging Face forward in full mode, the prefix one in prefix
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = np.random.default_rng(0)
+    running = 0.7
+    for _step in range(max_steps):
+        idx = generator.choice(len(rows), size=32, replace=False)
+        loss = torch.nn.functional.cross_entropy(backend.logits([windows[i] for i in idx]), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running = 0.8 * running + 0.2 * loss.item()
+        if running < 0.05:
+            break
+    torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    meta.recipe = {"stage": "test", "steps": _step + 1, "mode": mode}
+    meta.save(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def decisive_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint trained (~100 steps, ~10 s) on the synthetic rows until it fits them.
@@ -49,45 +91,8 @@ def decisive_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     on random features is so sensitive that int8 flips 10-20% of verdicts. A trained model is what
     the gate is for: its scores depend smoothly on the input and sit away from the threshold.
     """
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import BertForSequenceClassification
-
-    from policies.instruction import encoder_from_config
-    from scoring.core import pad_windows, pair_windows
-
-    out = tmp_path_factory.mktemp("decisive") / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    meta = CheckpointMeta.load(out)
-    rows = synthetic_rows(meta)
-    encoder = encoder_from_config(Tokenizer.from_file(str(out / TOKENIZER_FILE)), meta.encoding)
-    windows = [ws[0] for ws in pair_windows(encoder, [(p, q) for p, q, _ in rows])]
-    labels = torch.tensor([label for _, _, label in rows])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is as fast and does not oversubscribe
-    torch.manual_seed(0)
-    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    model = BertForSequenceClassification.from_pretrained(out, **no_dropout)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    generator = np.random.default_rng(0)
-    running = 0.7
-    for _step in range(250):  # leaves the 0.693 plateau after ~80 steps, fits by ~110
-        idx = generator.choice(len(rows), size=32, replace=False)
-        batch = {k: torch.from_numpy(v) for k, v in pad_windows([windows[i] for i in idx], encoder.pad_id).items()}
-        loss = model(**batch, labels=labels[idx]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        running = 0.8 * running + 0.2 * loss.item()
-        if running < 0.05:
-            break
-    torch.set_num_threads(threads)
-    model.eval()
-    model.save_pretrained(out)
-    meta.recipe = {"stage": "test", "steps": _step + 1}
-    meta.save(out)
-    return out
+    # leaves the 0.693 plateau after ~80 steps, fits by ~110
+    return fit_synthetic(tiny_checkpoint, tmp_path_factory.mktemp("decisive") / "ckpt", "full", 250)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +368,7 @@ def test_model_card(int8_export: Path) -> None:
     ):
         assert heading in card
     assert "| toxicity | 0.500 |" in card and "Apache-2.0" in card and "| **macro** |" in card
+    assert "Attention mode `full`" in card
     assert "verdict agreement" in card and "model.onnx" in card
     Manifest.load(int8_export)  # the card is not part of the checksummed files
 
@@ -387,45 +393,7 @@ def test_recalibration_refits_only_policies_with_enough_rows_of_each_label() -> 
 @pytest.fixture(scope="module")
 def decisive_prefix_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint trained in prefix mode on the synthetic rows (as `decisive_checkpoint`)."""
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import BertForSequenceClassification
-
-    from policies.instruction import encoder_from_config
-    from scoring.core import pair_windows
-    from training.predict import TorchBackend
-
-    out = tmp_path_factory.mktemp("decisive_prefix") / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    meta = CheckpointMeta.load(out)
-    meta.encoding = meta.encoding.model_copy(update={"mode": "prefix"})
-    rows = synthetic_rows(meta)
-    encoder = encoder_from_config(Tokenizer.from_file(str(out / TOKENIZER_FILE)), meta.encoding)
-    windows = [ws[0] for ws in pair_windows(encoder, [(p, q) for p, q, _ in rows])]
-    labels = torch.tensor([label for _, _, label in rows])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    model = BertForSequenceClassification.from_pretrained(out, **no_dropout).train()
-    backend = TorchBackend(model, encoder.pad_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    generator = np.random.default_rng(0)
-    running = 0.7
-    for _step in range(300):
-        idx = generator.choice(len(rows), size=32, replace=False)
-        loss = torch.nn.functional.cross_entropy(backend.logits([windows[i] for i in idx]), labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        running = 0.8 * running + 0.2 * loss.item()
-        if running < 0.05:
-            break
-    torch.set_num_threads(threads)
-    model.save_pretrained(out)
-    meta.recipe = {"stage": "test", "steps": _step + 1, "mode": "prefix"}
-    meta.save(out)
-    return out
+    return fit_synthetic(tiny_checkpoint, tmp_path_factory.mktemp("decisive_prefix") / "ckpt", "prefix", 300)
 
 
 def test_prefix_export_int8_parity_size_and_engine(decisive_prefix_checkpoint: Path, tmp_path: Path) -> None:

@@ -315,6 +315,8 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_refuses_mismatched_architecture_vocab_and_base(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    from training.meta import CheckpointMeta
+
     with pytest.raises(MergeError, match="different architectures") as err:
         load_candidates([tiny_family["c0"], tiny_family["other"]])
     assert str(tiny_family["c0"]) in str(err.value) and str(tiny_family["other"]) in str(err.value)
@@ -327,6 +329,12 @@ def test_refuses_mismatched_architecture_vocab_and_base(tiny_family: dict[str, P
     (odd / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(MergeError, match="different tokenizer vocabularies"):
         load_candidates([tiny_family["c0"], odd])
+    prefix = shutil.copytree(tiny_family["c1"], tmp_path / "prefix_mode")
+    meta = CheckpointMeta.load(prefix)
+    meta.encoding = meta.encoding.model_copy(update={"mode": "prefix"})
+    meta.save(prefix)
+    with pytest.raises(MergeError, match="different modes"):
+        load_candidates([tiny_family["c0"], prefix])
     cands = load_candidates([tiny_family["c0"], tiny_family["c1"]])
     with pytest.raises(MergeError, match="--base"):
         load_base(base_encoder_dir(), cands[0].state)  # MiniLM shapes do not fit the tiny models
@@ -482,3 +490,26 @@ def test_passed_through_candidate_is_recorded_as_itself(tiny_checkpoint: Path, t
     assert best_merge["method"] == "ties" and best_merge["scores"]["holdout_macro_f1"] == 0.7
     assert shipped.metrics["holdout"] == {"macro_f1": 0.75, "f1": {"toxicity": 0.75}}
     assert shipped.name == "uniguard"
+
+
+def test_merging_prefix_mode_checkpoints(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    """Prefix-mode checkpoints have the same parameters: they merge unchanged, and the objective reads them in
+    prefix mode (the torch backend's prefix forward)."""
+    import shutil
+
+    from training.meta import CheckpointMeta
+    from uniguard.cli import main
+
+    cands = []
+    for name in ("c0", "c1"):
+        folder = shutil.copytree(tiny_family[name], tmp_path / f"prefix-{name}")
+        meta = CheckpointMeta.load(folder)
+        meta.encoding = meta.encoding.model_copy(update={"mode": "prefix"})
+        meta.save(folder)
+        cands.append(str(folder))
+    val = _write_val(tmp_path / "val.jsonl")
+    out = tmp_path / "merged"
+    args = ["merge", "apply", "--candidates", *cands, "--out", str(out), "--method", "linear"]
+    assert main([*args, "--val", str(val), "--split", "all", "--base", str(tiny_family["base"])]) == 0
+    meta = CheckpointMeta.load(out)
+    assert meta.encoding.mode == "prefix" and meta.metrics["val"]["rows"] > 0

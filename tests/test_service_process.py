@@ -56,12 +56,17 @@ def test_serve_process_then_bench_against_it(tiny_model_dir: Path, tmp_path: Pat
     assert code == 0, log[-2000:]
     assert "Traceback" not in log
     result = json.loads(out.read_text())
-    assert result["engine"]["single_stream"]["pairs_per_s"] > 0 and result["engine"]["batch32"]["pairs_per_s"] > 0
-    assert [lv["concurrency"] for lv in result["service"]["levels"]] == [1, 4]
-    assert all(lv["requests"] > 0 and lv["errors"] == 0 for lv in result["service"]["levels"])
-    assert result["service"]["half_saturation"]["requests"] > 0
-    assert result["service"]["cached"]["all_cached"] is True
-    assert set(result["targets"]) == {"throughput_ratio", "p99_half_saturation_vs_batch", "cached_p99_ms"}
+    (model,) = result["models"]
+    assert model["mode"] == "full" and model["engine"]["saturation"]["pairs_per_s"] > 0
+    service = model["service"]
+    assert service["saturation_short"]["requests"] > 0 and model["engine"]["saturation_short"]["pairs_per_s"] > 0
+    assert service["idle_1x1"]["n"] > 0 and service["idle_1x5"]["p50_ms"] > 0
+    assert [lv["concurrency"] for lv in service["levels"]] == [1, 4]
+    assert all(lv["requests"] > 0 and lv["errors"] == 0 for lv in service["levels"])
+    assert service["cached"]["all_cached"] is True
+    assert {"idle_1x5_p50_ms", "extra_policy_share_of_one", "service_vs_engine", "cached_p99_ms"} <= set(
+        result["targets"]
+    )
 
 
 def test_bench_refuses_remote_urls() -> None:
@@ -73,6 +78,49 @@ def test_prompt_mix_is_varied_and_deterministic() -> None:
     names = ["a_policy", "b_policy", "c_policy", "d_policy", "e_policy"]
     mix = make_prompt_mix(200, names, seed=1)
     assert mix == make_prompt_mix(200, names, seed=1)
+    assert all(p.policies is None for p in make_prompt_mix(20))  # the service's defaults
     assert {len(p.policies) for p in mix} == {1, 2, 3, 4, 5}
     lengths = sorted(len(p.text) for p in mix)
     assert lengths[0] < 200 and lengths[-1] > 2000
+
+
+def test_targets_compare_the_first_model_with_the_second_the_peer_and_its_engine() -> None:
+    from uniguard.bench import targets
+
+    def service(p50_1: float, p50_5: float, prompts: float) -> dict:
+        sat = {"prompts_per_s": prompts, "pairs_per_s": prompts * 5, "concurrency": 16}
+        short = {**sat, "prompts_per_s": prompts * 2}
+        return {"idle_1x1": {"p50_ms": p50_1, "p99_ms": 9.0}, "idle_1x5": {"p50_ms": p50_5, "p99_ms": 20.0},
+                "saturation": sat, "saturation_short": short, "cached": {"p99_ms": 2.0}}  # fmt: skip
+
+    result = {
+        "models": [
+            {"service": service(6.0, 10.0, 45.0), "engine": {"saturation": {"pairs_per_s": 240.0}}},
+            {"service": service(11.0, 39.0, 9.0)},
+        ],
+        "peer": {"saturation": {"prompts_per_s": 3.0}, "saturation_short": {"prompts_per_s": 4.0}},
+        "training": [{"mode": "prefix", "examples_per_s_mean": 14.0}, {"mode": "full", "examples_per_s_mean": 5.0}],
+    }
+    t = targets(result)
+    assert t["idle_1x5_p50_ms"]["ok"] and t["idle_1x5_p99_ms"]["ok"]
+    assert (
+        t["extra_policy_share_of_one"]["value"] == pytest.approx((10 - 6) / 4 / 6)
+        and t["extra_policy_share_of_one"]["ok"]
+    )
+    assert t["saturation_vs_second_model"]["value"] == pytest.approx(5.0) and t["saturation_vs_peer"]["value"] == 15.0
+    assert t["saturation_vs_peer_short_prompts"]["value"] == pytest.approx(90 / 4)
+    assert t["service_vs_engine"]["value"] == pytest.approx(225 / 240) and t["service_vs_engine"]["ok"]
+    assert t["training_prefix_vs_full"]["value"] == pytest.approx(2.8) and t["cached_p99_ms"]["ok"]
+
+
+async def test_naive_peer_scores_one_pair_per_forward(tiny_checkpoint: Path) -> None:
+    from uniguard.peer import create_app
+
+    transport = httpx.ASGITransport(app=create_app(tiny_checkpoint))
+    async with httpx.AsyncClient(transport=transport, base_url="http://peer") as client:
+        assert (await client.get("/readyz")).status_code == 200
+        r = await client.post("/classify", json={"input": "hello"})
+        verdicts = r.json()["results"][0]["policies"]
+        assert r.status_code == 200 and len(verdicts) == 5 and all(0 <= v["score"] <= 1 for v in verdicts.values())
+        r = await client.post("/classify", json={"input": "hello", "policies": ["toxicity"]})
+        assert list(r.json()["results"][0]["policies"]) == ["toxicity"]

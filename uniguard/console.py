@@ -29,7 +29,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
             table.add_column(h, justify="left" if i == 0 else "right")
         for k, row in enumerate(rows):
             table.add_row(*row, style="bold" if bold_last and k == len(rows) - 1 else None)
-        Console(width=max(Console().width, 120)).print(table)
+        Console(width=max(Console().width, 160)).print(table)
         return
     print(plain_table(title, headers, rows))
 

@@ -216,12 +216,15 @@ def run_eval(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see training/train.py
+    from training.corpus import BENIGN_POLICY
     from training.data import DataError, clean_rows, load_rows
 
     try:
         rows, dropped = clean_rows(load_rows(args.data))
     except DataError as exc:
         raise SystemExit(f"uniguard eval: {exc}") from exc
+    # `benign` rows are safe under every policy and name none of their own: `uniguard data evalset` spreads them.
+    rows = [r for r in rows if r.policy != BENIGN_POLICY]
     rows = select_rows(rows, args.split, args.seed, args.cap)
     if not rows:
         raise SystemExit(f"uniguard eval: no rows in {', '.join(map(str, args.data))} (split {args.split})")
