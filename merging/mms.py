@@ -38,6 +38,7 @@ from merging.search import Config, SearchSpace, make_strategy
 from merging.subsets import SUBSETS, select
 from policies.schema import DataSource, PolicyRef
 from training.data import Row
+from training.encoders import portable_name
 from training.meta import CheckpointMeta
 
 TRIALS_FILE = "trials.json"
@@ -459,7 +460,7 @@ def _merge_record(sel: Selection, members: Members, ctx: SearchContext) -> dict[
         "seed": ctx.settings.seed,
         "subset": w.config.subset,
         "anchor": members.anchor,
-        "base": str(ctx.ws.base_dir),
+        "base": portable_name(ctx.ws.base_dir),
         "strategy": w.strategy,
         "iteration": w.iteration,
         "scores": {
@@ -685,7 +686,7 @@ def apply_merge(settings: ApplySettings) -> CheckpointMeta:
         "seed": settings.params.seed,
         "subset": settings.subset,
         "anchor": str(anchor.folder),
-        "base": str(ws.base_dir) if ws.base else None,
+        "base": portable_name(ws.base_dir) if ws.base else None,
         "strategy": "manual",
     }
     out = Path(settings.out)

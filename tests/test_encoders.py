@@ -11,6 +11,7 @@ import importlib.metadata
 import io
 import json
 import random
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -321,3 +322,27 @@ def test_cli_list_and_prepare_error(capsys: pytest.CaptureFixture[str], monkeypa
     monkeypatch.setattr(encoders, "package_versions", lambda spec: (_ for _ in ()).throw(EncoderError("needs x")))
     assert main(["encoders", "prepare", "e5-small"]) == 2
     assert "needs x" in capsys.readouterr().err
+
+
+def test_records_name_the_encoder_not_the_building_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints, manifests and merge recipes record a named encoder by its name, which resolves back."""
+    assert encoders.portable_name(encoders.resolve_base(None)) == "minilm"
+    assert encoders.resolve_base(encoders.portable_name(encoders.resolve_base(None))) == encoders.resolve_base(None)
+    assert encoders.portable_name("minilm") == "minilm"  # idempotent: an older record passes through unchanged
+
+    monkeypatch.setitem(encoders.ENCODERS, "fake", EncoderSpec("fake", "test/fake", ("numpy",)))
+    monkeypatch.setitem(encoders.BUILDERS, "fake", lambda out: (out / "config.json").write_text("{}"))
+    built = encoders.prepare("fake", cache=tmp_path / "cache")
+    assert encoders.portable_name(built) == "fake"
+    (tmp_path / "mine").mkdir()
+    assert encoders.portable_name(tmp_path / "mine") == str(tmp_path / "mine")  # a user's own folder, as given
+
+
+def test_shipped_manifests_hold_no_path_of_the_building_machine() -> None:
+    root = Path(__file__).resolve().parent.parent
+    manifests = sorted((root / "models").glob("*/manifest.json"))
+    assert manifests, "the shipped default model is missing"
+    for path in manifests:
+        text = path.read_text(encoding="utf-8")
+        found = re.findall(r'"(/(?:work|home|root|tmp|usr|opt|var)/[^"]*)"', text)
+        assert not found, f"{path}: absolute paths {found[:3]}"

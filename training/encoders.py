@@ -186,6 +186,23 @@ def _build(name: str, spec: EncoderSpec, stamp: dict[str, Any], target: Path) ->
             shutil.rmtree(staging)
 
 
+def portable_name(folder: Path | str) -> str:
+    """How a base encoder is recorded in checkpoints, manifests and merge recipes: its name when it is a named
+    encoder (the packaged MiniLM, or a build of ours in any cache), else the folder as given. Records never hold
+    the site-packages or cache path of the machine that built them; ``resolve_base`` turns the name back into a
+    folder."""
+    path = Path(folder)
+    stamp = read_stamp(path)
+    if stamp is not None and stamp.get("name") in ENCODERS:
+        return str(stamp["name"])
+    try:
+        if path.resolve() == minilm_dir().resolve():
+            return "minilm"
+    except (EncoderError, ImportError):
+        pass
+    return str(folder)
+
+
 def resolve_base(base: Path | str | None, cache: Path | None = None) -> Path:
     """``--base``: a Hugging Face folder, a named base encoder (built on first use), or None for MiniLM."""
     if base is None:

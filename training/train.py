@@ -38,6 +38,7 @@ from training.corpus import (
     sample_epoch,
 )
 from training.data import DataError, load_all
+from training.encoders import portable_name
 from training.meta import CheckpointMeta
 from training.metrics import BinaryMetrics, binary_metrics, calibrate_threshold, macro
 from training.predict import torch_scorer
@@ -721,7 +722,7 @@ def checkpoint_meta(
     return CheckpointMeta(
         kind=cfg.kind,
         name=f"taskguard-{cfg.policy}" if cfg.kind == "taskguard" and cfg.policy else cfg.kind,
-        base_model=str(base),
+        base_model=portable_name(base),
         policies=[PolicyRef.of(corpus.policies[p]) for p in corpus.trained],
         encoding=cfg.encoding,
         thresholds=cal.thresholds,
