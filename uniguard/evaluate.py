@@ -2,8 +2,9 @@
 
 Rows (shared JSONL format) route by their ``policy`` field to the policy text: policies from
 ``--policies`` folders, then the default registry and the project's custom policies, then the
-policies recorded in the model (derived policies it was trained on). Thresholds come from the
-model: per-policy calibrated values, the model's ``default_threshold`` for policies it never saw.
+policies recorded in the model (derived policies it was trained on). Thresholds follow the
+service's one rule (``policies.thresholds``): a calibrated value only for the exact policy text the model was
+calibrated on, then the policy file's own threshold, then the model's ``default_threshold``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ class LoadedModel(BaseModel):
 
     kind: str
     scorer: Any  # scoring.core.Scorer: the service's ONNX engine or the torch backend
-    policy_texts: dict[str, str]
-    thresholds: dict[str, float]
-    default_threshold: float
+    record: Any  # the manifest or checkpoint meta: its policies, thresholds and default (policies.thresholds)
+
+
+class ResolvedPolicy(BaseModel):
+    """A policy as the service would apply it to this model: its instruction text and its threshold."""
+
+    text: str
+    threshold: float
 
 
 def register(sub: Any) -> None:
@@ -53,6 +59,13 @@ def register(sub: Any) -> None:
     ev.add_argument("--split", choices=SPLIT_CHOICES, default="all", help="row split (sho*: held-out sources)")
     ev.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
     ev.add_argument("--cap", type=int, default=None, help="max rows per (policy, source, label); default 150 if split")
+    ev.add_argument(
+        "--flagged",
+        nargs="+",
+        metavar="POLICY",
+        help="judge each row as /classify's `flagged` over these policies (unsafe if any of them is), as "
+        "moderation and injection benchmarks are judged; the rows' own policy field is ignored",
+    )
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=run_eval)
@@ -65,68 +78,65 @@ def load_model(folder: Path, threads: int | None = 2) -> LoadedModel:
         from scoring.onnx import OnnxEngine
 
         engine = OnnxEngine(folder, threads=threads)  # what the service runs
-        manifest = engine.manifest
-        return LoadedModel(
-            kind="onnx",
-            scorer=engine,
-            policy_texts={p.name: p.instruction_text for p in manifest.policies},
-            thresholds=dict(manifest.thresholds),
-            default_threshold=manifest.default_threshold,
-        )
+        return LoadedModel(kind="onnx", scorer=engine, record=engine.manifest)
     if (folder / META_FILE).is_file():
         from training.predict import load_checkpoint  # torch: the training extras
 
         scorer, meta = load_checkpoint(folder, threads=threads)
-        return LoadedModel(
-            kind=meta.kind,
-            scorer=scorer,
-            policy_texts={p.name: p.instruction_text for p in meta.policies},
-            thresholds=dict(meta.thresholds),
-            default_threshold=meta.default_threshold,
-        )
+        return LoadedModel(kind=meta.kind, scorer=scorer, record=meta)
     raise SystemExit(
         f"uniguard eval: {folder} is neither a training checkpoint ({META_FILE}) nor an exported model "
         f"({MANIFEST_NAME}); pass --model DIR of one of them"
     )
 
 
-def policy_texts(model: LoadedModel, folders: Sequence[Path]) -> dict[str, str]:
-    """Name -> instruction text; --policies folders win, then the registry, then the model's own."""
+def resolve_policies(model: LoadedModel, folders: Sequence[Path]) -> dict[str, ResolvedPolicy]:
+    """Name -> text and threshold; --policies folders win, then the registry (and the project's custom policies),
+    then the policies the model records. Thresholds follow the service's one rule (``policies.thresholds``): the
+    model's calibrated value only for the exact text it was calibrated on, then the file's own, then the model's
+    default."""
     from policies.registry import PolicyRegistry
+    from policies.thresholds import policy_threshold
     from training.data import CUSTOM_POLICY_DIR
 
-    texts = dict(model.policy_texts)
+    record = model.record
+    out = {
+        ref.name: ResolvedPolicy(
+            text=ref.instruction_text, threshold=record.thresholds.get(ref.name, record.default_threshold)
+        )
+        for ref in record.policies
+    }
     project = [CUSTOM_POLICY_DIR] if CUSTOM_POLICY_DIR.is_dir() and any(CUSTOM_POLICY_DIR.glob("*.y*ml")) else []
-    for policy in PolicyRegistry.load(project):
-        texts[policy.name] = policy.instruction_text()
+    policies = list(PolicyRegistry.load(project))
     if folders:
-        for policy in PolicyRegistry.load(folders, include_default=False):
-            texts[policy.name] = policy.instruction_text()
-    return texts
+        policies += list(PolicyRegistry.load(folders, include_default=False))
+    for policy in policies:
+        out[policy.name] = ResolvedPolicy(text=policy.instruction_text(), threshold=policy_threshold(policy, record))
+    return out
 
 
 def evaluate_rows(
-    model: LoadedModel, rows: Sequence[Any], texts: dict[str, str], batch_size: int = 32
+    model: LoadedModel, rows: Sequence[Any], policies: dict[str, ResolvedPolicy], batch_size: int = 32
 ) -> tuple[dict[str, PolicyReport], list[float]]:
     """Score every row under its policy; the per-policy report and each row's score."""
     import numpy as np
 
     from training.metrics import binary_metrics, macro
 
-    unknown = sorted({r.policy for r in rows} - set(texts))
+    unknown = sorted({r.policy for r in rows} - set(policies))
     if unknown:
         raise SystemExit(
             f"uniguard eval: rows name policies the model and registry do not know: {', '.join(unknown)}; "
             "pass their YAML folder with --policies DIR"
         )
-    pairs = [(texts[r.policy], r.text) for r in rows]
+    pairs = [(policies[r.policy].text, r.text) for r in rows]
     scores = [s.score for s in model.scorer.score_pairs(pairs, batch_size=batch_size)]
     reports: dict[str, PolicyReport] = {}
     for policy in sorted({r.policy for r in rows}):
         idx = [i for i, r in enumerate(rows) if r.policy == policy]
         s = np.array([scores[i] for i in idx])
         y = np.array([rows[i].y for i in idx])
-        threshold = model.thresholds.get(policy, model.default_threshold)
+        threshold = policies[policy].threshold
         m = binary_metrics(s, y, threshold)
         by_source: dict[str, list[bool]] = {}
         for i in idx:
@@ -135,6 +145,30 @@ def evaluate_rows(
         acc = {k: sum(v) / len(v) for k, v in sorted(by_source.items())}
         reports[policy] = PolicyReport(**m.model_dump(), by_source=acc | {"_macro": macro(list(acc.values()))})
     return reports, scores
+
+
+def evaluate_flagged(
+    model: LoadedModel, rows: Sequence[Any], policies: dict[str, ResolvedPolicy], names: Sequence[str], batch_size: int
+) -> tuple[PolicyReport, list[float]]:
+    """/classify's ``flagged`` over ``names`` against each row's label: one report whose score is the largest margin
+    ``score - threshold`` over the policies (flagged when >= 0), so AUROC ranks rows as the verdict does."""
+    import numpy as np
+
+    from training.metrics import binary_metrics, macro
+
+    unknown = sorted(set(names) - set(policies))
+    if unknown:
+        raise SystemExit(f"uniguard eval: --flagged names unknown policies: {', '.join(unknown)}")
+    pairs = [(policies[n].text, r.text) for r in rows for n in names]
+    raw = np.array([s.score for s in model.scorer.score_pairs(pairs, batch_size=batch_size)])
+    margins = (raw.reshape(len(rows), len(names)) - np.array([policies[n].threshold for n in names])).max(axis=1)
+    y = np.array([r.y for r in rows])
+    m = binary_metrics(margins, y, 0.0)
+    by_source: dict[str, list[bool]] = {}
+    for row, margin in zip(rows, margins, strict=True):
+        by_source.setdefault(f"{row.source}:{row.label}", []).append(int(margin >= 0.0) == row.y)
+    acc = {k: sum(v) / len(v) for k, v in sorted(by_source.items())}
+    return PolicyReport(**m.model_dump(), by_source=acc | {"_macro": macro(list(acc.values()))}), margins.tolist()
 
 
 def macro_report(reports: dict[str, PolicyReport]) -> dict[str, Any]:
@@ -229,8 +263,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if not rows:
         raise SystemExit(f"uniguard eval: no rows in {', '.join(map(str, args.data))} (split {args.split})")
     model = load_model(args.model, args.threads)
-    texts = policy_texts(model, args.policies)
-    reports, scores = evaluate_rows(model, rows, texts, args.batch_size)
+    policies = resolve_policies(model, args.policies)
+    if args.flagged:
+        report, scores = evaluate_flagged(model, rows, policies, args.flagged, args.batch_size)
+        reports = {"flagged(" + "+".join(args.flagged) + ")": report}
+        rows = [r.model_copy(update={"policy": next(iter(reports))}) for r in rows]  # one curve in the PR plot
+    else:
+        reports, scores = evaluate_rows(model, rows, policies, args.batch_size)
     print_report(
         reports, f"{args.model} on {len(rows)} rows (split {args.split}; {sum(dropped.values())} noisy dropped)"
     )
