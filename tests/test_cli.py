@@ -98,7 +98,8 @@ def test_serve_only_venv_evaluates_and_benches_the_shipped_model(tmp_path: Path)
 
     bench = [uniguard, "bench", "--model", str(model), "--engine", "--seconds", "0.2", "--prompts", "4"]
     run = subprocess.run(bench, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0 and "(full) engine" in run.stdout, run.stderr
+    mode = json.loads((model / "manifest.json").read_text())["encoding"]["mode"]
+    assert run.returncode == 0 and f"({mode}) engine" in run.stdout, run.stderr
 
     train = [uniguard, "train", "taskguard", "--policy", "toxicity", "--out", str(tmp_path / "tg")]
     run = subprocess.run(train, capture_output=True, text=True, timeout=120, cwd=tmp_path)

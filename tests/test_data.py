@@ -346,3 +346,25 @@ def test_sampling_down_weights_casual_profanity() -> None:
     hate = Example("toxicity", "h", 1, "davidson", "native", "train", category="hate_speech")
     assert offensive.group == "davidson:offensive_language" and hate.group == "davidson:hate_speech"
     assert group_weight(offensive.group) < group_weight(hate.group) < group_weight("cross")
+
+
+def test_summary_false_positive_rates_read_only_the_safe_rows_of_benign_sources() -> None:
+    """`uniguard data summary`: FPR on trigger-word benign sources is 1 - accuracy on their *safe* rows (jackhhao
+    also holds a few jailbreaks, whose misses are not false positives)."""
+    from training.evalsets import summarise_eval
+
+    metrics = {"support": 10, "f1": 0.5, "precision": 0.5, "recall": 0.5, "fpr": 0.1, "positives": 3}
+    report = {
+        "prompt_injection": {
+            **metrics,
+            "by_source": {
+                "jackhhao:safe": 0.9,
+                "jackhhao:unsafe": 0.0,
+                "wildguardtest_benign:safe": 0.7,
+                "mtbench:safe": 1.0,
+                "self_instruct:safe": 0.8,
+            },
+        }
+    }
+    row = next(line for line in summarise_eval(report).splitlines() if line.startswith("| prompt_injection"))
+    assert row.rstrip(" |").split(" | ")[-2:] == ["0.100", "0.200"]

@@ -169,7 +169,9 @@ def test_int8_export_parity_and_size(int8_export: Path, fp32_cli_export: Path) -
     assert parity["passed"] and parity["agreement"] >= 0.99 and parity["f1_delta_points"] <= 1.0
     assert 0 < parity["max_abs_diff"] < 0.05  # int8 does change scores, a little
     quant = manifest.export["quantization"]
-    assert quant["isa"] == detect_isa() and quant["mode"] == "dynamic" and quant["weights_dtype"] == "QInt8"
+    # optimum's config for the CPU: signed int8 weights with AVX-512 VNNI, unsigned (7-bit range) with AVX2 only
+    expected_dtype = {"avx512_vnni": "QInt8", "avx2": "QUInt8"}[detect_isa()]
+    assert quant["isa"] == detect_isa() and quant["mode"] == "dynamic" and quant["weights_dtype"] == expected_dtype
     assert "MatMul" in quant["operators"] and "EmbedLayerNormalization" in quant["operators"]
     fp32_size = (fp32_cli_export / MODEL_FILE).stat().st_size
     assert (int8_export / MODEL_FILE).stat().st_size < 0.35 * fp32_size  # the embeddings are quantised too
@@ -250,6 +252,27 @@ def test_parity_compare_f1_drift() -> None:
     assert report.worst[0].policy == "b" and report.worst[0].onnx == 0.4
     fp32 = compare("cpu-fp32", ["a"], ["q"], [1], [0.9], [0.9 + 2e-3], {"a": 0.5})
     assert not fp32.passed and "score diff" in fp32.failures[0]
+
+
+def test_parity_f1_drift_counts_policies_with_enough_rows() -> None:
+    """A flip on a 10-row policy moves its F1 by 10+ points: it counts in the agreement, not in the F1 drift; flips on
+    the positives of a policy with 30+ rows of each label do."""
+    policies = ["big"] * 200 + ["tiny"] * 10
+    labels = [1] * 100 + [0] * 100 + [1] + [0] * 9
+    torch_scores = [0.9] * 100 + [0.1] * 100 + [0.9] + [0.1] * 9
+    tiny_flip = [0.9] * 100 + [0.1] * 100 + [0.4] + [0.1] * 9
+    thresholds = {"big": 0.5, "tiny": 0.5}
+    report = compare("cpu-int8", policies, ["q"] * 210, labels, torch_scores, tiny_flip, thresholds)
+    assert report.passed and report.f1_delta_points == 0.0
+    assert report.per_policy["tiny"].f1_onnx == 0.0 and not report.per_policy["tiny"].in_f1_delta
+    lines = {
+        line.split()[0]: line for line in report.format().splitlines() if line.startswith("  big") or "tiny" in line
+    }
+    assert report.per_policy["big"].in_f1_delta and lines["big"].rstrip().split()[1] == "*" and "*" not in lines["tiny"]
+    big_flips = [0.4, 0.4] + [0.9] * 98 + [0.1] * 100 + [0.9] + [0.1] * 9
+    report = compare("cpu-int8", policies, ["q"] * 210, labels, torch_scores, big_flips, thresholds)
+    assert report.agreement > 0.99 and not report.passed
+    assert any("macro-F1 moved 1.01 points" in f for f in report.failures)
 
 
 def test_manifest_checksum_mismatch_names_file(tiny_exported_model: Path, tmp_path: Path) -> None:

@@ -140,7 +140,11 @@ def summarise_eval(report: dict[str, dict], heldout: dict[str, dict] | None = No
     from training.data import EVERYDAY_BENIGN_SOURCES, TRIGGER_WORD_SOURCES
 
     def fpr(policy_report: dict, sources: frozenset[str]) -> str:
-        accs = [acc for key, acc in policy_report.get("by_source", {}).items() if key.split(":")[0] in sources]
+        accs = [  # the safe rows of those sources (a trigger-word source may hold a few unsafe rows too)
+            acc
+            for key, acc in policy_report.get("by_source", {}).items()
+            if key.split(":")[0] in sources and key.endswith(":safe")
+        ]
         return f"{1 - sum(accs) / len(accs):.3f}" if accs else "-"
 
     lines = [

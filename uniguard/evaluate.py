@@ -257,8 +257,10 @@ def run_eval(args: argparse.Namespace) -> int:
         rows, dropped = clean_rows(load_rows(args.data))
     except DataError as exc:
         raise SystemExit(f"uniguard eval: {exc}") from exc
-    # `benign` rows are safe under every policy and name none of their own: `uniguard data evalset` spreads them.
-    rows = [r for r in rows if r.policy != BENIGN_POLICY]
+    # `benign` rows are safe under every policy and name none of their own: `uniguard data evalset` spreads them;
+    # --flagged ignores the rows' policy, so there they are what they are: safe prompts.
+    if not args.flagged:
+        rows = [r for r in rows if r.policy != BENIGN_POLICY]
     rows = select_rows(rows, args.split, args.seed, args.cap)
     if not rows:
         raise SystemExit(f"uniguard eval: no rows in {', '.join(map(str, args.data))} (split {args.split})")
