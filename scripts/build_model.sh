@@ -2,19 +2,19 @@
 # `make model`: rebuild the shipped default model end to end with the project's own commands:
 #   train (MultiTaskGuard + TaskGuards) -> merge (bandit search) -> export cpu-int8 -> evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
-# Time on this 2-core machine: about 65 minutes with the defaults below (docs/RESULTS.md §2).
+# Time on this 2-core machine: about 60 minutes with the defaults below (docs/RESULTS.md §12).
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs}
 OUT=${3:-models/uniguard-minilm}
 VERSION=${UNIGUARD_MODEL_VERSION:-$(date +%Y.%m.%d)}
-MT_MINUTES=${MT_MINUTES:-25}          # MultiTaskGuard time budget (the default recipe)
-TG_MINUTES=${TG_MINUTES:-6}           # per TaskGuard
+MT_EPOCHS=${MT_EPOCHS:-3}             # MultiTaskGuard: 3 x 300 steps of 16 (the default recipe; ~30 min in prefix mode)
+MT_MINUTES=${MT_MINUTES:-40}          # its time budget (a cap: the run anneals and stops there if slower)
+TG_MINUTES=${TG_MINUTES:-4}           # per TaskGuard
 TG_POLICIES=${TG_POLICIES:-"prompt_injection toxicity content_safety financial_advice tax_advice"}
 MERGE_ITERATIONS=${MERGE_ITERATIONS:-50}
 MERGE_STRATEGIES=${MERGE_STRATEGIES:-thompson,random}  # the winner over both; report.json compares them
 MERGE_ROWS=${MERGE_ROWS:-200}         # validation rows per policy in each of the search and held-out parts
-TARGET_FPR=${TARGET_FPR:-0.1}         # thresholds: best recall with validation FPR <= this
 SKIP_MERGE=${SKIP_MERGE:-0}           # 1: export the MultiTaskGuard as it is
 SKIP_TRAIN=${SKIP_TRAIN:-0}           # 1: reuse the checkpoints already in RUNS (resume after training)
 MODE=${MODE:-prefix}                  # attention mode of every model trained: prefix (default) or full (0.2.0's)
@@ -26,7 +26,8 @@ mkdir -p "$RUNS"
 
 if [ "$SKIP_TRAIN" != 1 ]; then
   echo "== 1/5 MultiTaskGuard ($MT_MINUTES min budget)"
-  "$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --max-minutes "$MT_MINUTES" --mode "$MODE"
+  "$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --epochs "$MT_EPOCHS" \
+    --max-minutes "$MT_MINUTES" --mode "$MODE"
 fi
 candidates=("$RUNS/multitask")
 for policy in $TG_POLICIES; do
@@ -47,15 +48,24 @@ if [ "$SKIP_MERGE" != 1 ]; then
   model="$RUNS/uniguard"
 fi
 
+# Thresholds are the checkpoint's: training fits them on the source-held-out validation rows under the benign
+# false-positive floors (docs/TRAINING.md); the export's --val rows only feed the parity gate.
 echo "== 4/5 export cpu-int8 (parity gate on the validation split)"
 "$BIN/uniguard" export --model "$model" --target cpu-int8 --out "$OUT" --name uniguard-minilm --version "$VERSION" \
-  --val "$DATA" training/data/seed --split val --policy-dir training/data/policies --max-per-policy 300 \
-  --recalibrate balanced --target-fpr "$TARGET_FPR"
+  --val "$DATA" training/data/seed --split val --policy-dir training/data/policies --max-per-policy 300
 
-echo "== 5/5 evaluation and model card"
+echo "== 5/5 evaluation (in-source test, source-held-out test, hand-written held-out, first-contact probes) and model card"
 "$BIN/uniguard" eval --model "$OUT" --data "$DATA" training/data/seed --split test \
   --policies training/data/policies --json "$RUNS/shipped-test.json"
+"$BIN/uniguard" data evalset --split sho_test --data "$DATA" \
+  --policies prompt_injection toxicity content_safety financial_advice tax_advice --out "$RUNS/sho-test-default"
+"$BIN/uniguard" eval --model "$OUT" --data "$RUNS/sho-test-default/rows.jsonl" \
+  --policies "$RUNS/sho-test-default/policies" --json "$RUNS/shipped-sho-test.json"
 "$BIN/uniguard" eval --model "$OUT" --data training/data/heldout --split all \
   --policies training/data/policies training/data/heldout/policies --json "$RUNS/shipped-heldout.json"
-"$BIN/python" scripts/model_card.py "$OUT" "$RUNS/shipped-test.json" "$RUNS/shipped-heldout.json"
+"$BIN/uniguard" data summary "$RUNS/shipped-sho-test.json" --heldout "$RUNS/shipped-heldout.json"
+"$BIN/uniguard" eval --model "$OUT" --data training/data/probes \
+  --flagged prompt_injection toxicity content_safety financial_advice tax_advice --json "$RUNS/shipped-probes.json"
+"$BIN/python" scripts/model_card.py "$OUT" "$RUNS/shipped-test.json" "$RUNS/shipped-heldout.json" \
+  "$RUNS/shipped-sho-test.json"
 echo "done: $OUT"

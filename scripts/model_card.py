@@ -1,6 +1,6 @@
 """Write the shipped model's card (models/<name>/README.md) from its manifest and eval JSON files.
 
-Usage: python scripts/model_card.py MODEL_DIR TEST_JSON HELDOUT_JSON
+Usage: python scripts/model_card.py MODEL_DIR TEST_JSON HELDOUT_JSON [SHO_TEST_JSON]
 """
 
 from __future__ import annotations
@@ -29,13 +29,24 @@ def table(path: Path, title: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
-    folder, test_json, heldout_json = (Path(a) for a in argv)
+    folder, test_json, heldout_json = (Path(a) for a in argv[:3])
     manifest = Manifest.load(folder)
     evals = [
         table(test_json, "Test split of the shared data and the seed data (`--split test`)"),
+        *(
+            [
+                table(
+                    Path(argv[3]),
+                    "Source-held-out test (`sho_test`: whole public sources never trained on, benign rows under "
+                    "every policy; `uniguard data evalset`)",
+                )
+            ]
+            if len(argv) == 4
+            else []
+        ),
         table(
             heldout_json,
             "Independent held-out prompts (training/data/heldout: written apart from the training data, "
