@@ -2,13 +2,14 @@
 # `make model`: rebuild the shipped default model end to end with the project's own commands:
 #   train (MultiTaskGuard + TaskGuards) -> merge (bandit search) -> export cpu-int8 -> evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
-# Time on this 2-core machine: about 60 minutes with the defaults below (docs/RESULTS.md §12).
+# Time on this 2-core machine: not yet timed end to end with these defaults; the MultiTaskGuard step took 47 min
+# with other jobs beside it (about 2 s a step alone: ~35 min), see docs/RESULTS.md §12 and docs/TRAINING.md.
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs}
 OUT=${3:-models/uniguard-minilm}
 VERSION=${UNIGUARD_MODEL_VERSION:-$(date +%Y.%m.%d)}
-MT_EPOCHS=${MT_EPOCHS:-3}             # MultiTaskGuard: 3 x 300 steps of 16 (the default recipe; ~30 min in prefix mode)
+MT_EPOCHS=${MT_EPOCHS:-3}             # MultiTaskGuard: 3 x 300 steps of 16 (the default recipe; ~35 min alone in prefix mode)
 MT_MINUTES=${MT_MINUTES:-40}          # its time budget (a cap: the run anneals and stops there if slower)
 TG_MINUTES=${TG_MINUTES:-4}           # per TaskGuard
 TG_POLICIES=${TG_POLICIES:-"prompt_injection toxicity content_safety financial_advice tax_advice"}

@@ -34,25 +34,23 @@ def main(argv: list[str]) -> int:
         return 2
     folder, test_json, heldout_json = (Path(a) for a in argv[:3])
     manifest = Manifest.load(folder)
-    evals = [
-        table(test_json, "Test split of the shared data and the seed data (`--split test`)"),
-        *(
-            [
-                table(
-                    Path(argv[3]),
-                    "Source-held-out test (`sho_test`: whole public sources never trained on, benign rows under "
-                    "every policy; `uniguard data evalset`)",
-                )
-            ]
-            if len(argv) == 4
-            else []
-        ),
-        table(
+    sections = [(test_json, "Test split of the shared data and the seed data (`--split test`)")]
+    if len(argv) == 4:
+        sections.append(
+            (
+                Path(argv[3]),
+                "Source-held-out test (`sho_test`: whole public sources never trained on, benign rows under every "
+                "policy; `uniguard data evalset`)",
+            )
+        )
+    sections.append(
+        (
             heldout_json,
             "Independent held-out prompts (training/data/heldout: written apart from the training data, "
             "never used for training or thresholds; includes three policies the model never saw)",
-        ),
-    ]
+        )
+    )
+    evals = [table(path, title) for path, title in sections]
     write_model_card(
         folder,
         manifest,
