@@ -14,6 +14,7 @@ from training.corpus import (
     DEFAULT_POLICIES,
     FINANCE_TAX_NEGATIVES,
     Corpus,
+    Example,
     build_corpus,
     cap_examples,
     derived_of,
@@ -227,6 +228,20 @@ def test_sampling_balanced_capped_and_deterministic(corpus: Corpus) -> None:
     capped = cap_examples(train, cap=1, max_per_policy=4)
     assert max(Counter(e.stratum for e in capped).values()) == 1
     assert max(Counter(e.policy for e in capped).values()) <= 4
+
+
+def test_prompt_injection_gets_twice_a_default_policys_share() -> None:
+    pool = [
+        Example(policy, f"{policy} {label} {i}", label, "src", "native", "train")
+        for policy in ("prompt_injection", "toxicity", "custom_topic")
+        for label in (0, 1)
+        for i in range(500)
+    ]
+    defaults = ("prompt_injection", "toxicity")
+    weighted = Counter(e.policy for e in sample_epoch(pool, 600, random.Random(0), defaults=defaults))
+    even = Counter(e.policy for e in sample_epoch(pool, 600, random.Random(0), defaults=defaults, policy_weights={}))
+    assert weighted["prompt_injection"] == 2 * weighted["toxicity"] == 240  # 60% of 600 split 2:1
+    assert even["prompt_injection"] == even["toxicity"] == 180 and weighted["custom_topic"] == 240
 
 
 def test_paraphrases_are_valid_and_distinct() -> None:

@@ -143,6 +143,9 @@ def test_sigterm_drains_in_flight_requests_and_logs_are_json_without_prompts(
         "UNIGUARD_CACHE_MAX_ENTRIES": "0",
         "UNIGUARD_MAX_QUEUE": "100000",
         "UNIGUARD_ADMIN_ENABLED": "true",
+        # this test is about draining, not admission: a fixed, generous engine speed keeps cost-aware admission
+        # from refusing the six heavy requests when CI's cores are slow (admission has its own tests)
+        "UNIGUARD_ENGINE_TOKENS_PER_S": "10000000",
     }
     with _server(tiny_model_dir, log, **settings) as (proc, url):
         client = httpx.Client(base_url=url, timeout=30)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -279,6 +279,11 @@ HARD_NEGATIVE_SOURCES = {
 # Sampling weight of a group (default 1; hard negatives, seed rows and cross negatives 2). Davidson's
 # "offensive_language" tweets are casual profanity as often as insults aimed at someone: down-weighted.
 GROUP_WEIGHTS: dict[str, float] = {"davidson:offensive_language": 0.5}
+# Sampling weight of a policy among its kind (default or other; default 1). Prompt injection has the most varied
+# unsafe side (direct overrides, jailbreak personas, indirect instructions inside documents, prompt extraction) and
+# at an equal share the 0.3.0 candidate drew only ~860 injection-unsafe examples in 900 steps: too few to rank plain
+# overrides above benign role-play (docs/RESULTS.md §12), so it gets twice a default policy's share.
+POLICY_WEIGHTS: dict[str, float] = {"prompt_injection": 2.0}
 # Sources whose rows form their sampling group per category (so a category can be weighted).
 GROUP_BY_CATEGORY = frozenset({"davidson"})
 # (source, category) rows that are not unsafe under their native policy (the policy text does not cover them);
@@ -856,11 +861,12 @@ def sample_epoch(
     rng: random.Random,
     default_share: float = 0.6,
     defaults: Sequence[str] = DEFAULT_POLICIES,
+    policy_weights: Mapping[str, float] = POLICY_WEIGHTS,
 ) -> list[Example]:
     """A balanced sample of ``budget`` training examples.
 
-    The default policies share ``default_share`` of the budget, the others the rest; within a
-    policy each label gets half, and within a label each group (source) a share by its weight
+    The default policies share ``default_share`` of the budget, the others the rest, each policy in proportion
+    to its weight (``policy_weights``, default 1); within a policy each label gets half, and within a label each group (source) a share by its weight
     (``group_weight``: hard-negative sources, the seed rows and the cross-policy group 2, down-weighted
     groups less), so no source dominates. A stratum smaller than its share is repeated at most twice; what
     it cannot fill goes to the other strata.
@@ -871,11 +877,14 @@ def sample_epoch(
     names = sorted(by_policy)
     dflt = [n for n in names if n in defaults]
     other = [n for n in names if n not in defaults]
+    def spread(group: list[str], total: float) -> dict[str, float]:
+        weight = sum(policy_weights.get(n, 1.0) for n in group)
+        return {n: total * policy_weights.get(n, 1.0) / weight for n in group}
+
     if not dflt or not other:
-        shares = {n: budget / len(names) for n in names}
+        shares = spread(names, budget)
     else:
-        shares = {n: budget * default_share / len(dflt) for n in dflt}
-        shares.update({n: budget * (1 - default_share) / len(other) for n in other})
+        shares = spread(dflt, budget * default_share) | spread(other, budget * (1 - default_share))
     out: list[Example] = []
     for name in names:
         labels = by_policy[name]
