@@ -383,3 +383,20 @@ def test_summary_false_positive_rates_read_only_the_safe_rows_of_benign_sources(
     }
     row = next(line for line in summarise_eval(report).splitlines() if line.startswith("| prompt_injection"))
     assert row.rstrip(" |").split(" | ")[-2:] == ["0.100", "0.200"]
+
+
+def test_false_positive_floors_read_benign_rows_never_trained_on(corpus: Corpus) -> None:
+    """The floors read every benign val/sho_val row of a default policy (up to a cap), everyday and held-out
+    trigger-word prompts, never a training row, an unsafe row or a non-default policy."""
+    from training.train import TrainConfig, evaluation_sets, floor_rows
+
+    pool = [Example("toxicity", f"everyday {i}", 0, "banking77", "benign", "val") for i in range(30)]
+    pool += [Example("toxicity", f"trigger {i}", 0, "jackhhao", "native", "sho_val") for i in range(5)]
+    pool += [Example("toxicity", "in-source trigger", 0, "jackhhao", "native", "val")]  # jackhhao is held out
+    pool += [Example("toxicity", "attack", 1, "banking77", "benign", "val")]
+    pool += [Example("medical_advice", "everyday", 0, "banking77", "benign", "val")]
+    rows = floor_rows(pool, ("toxicity", "content_safety"), per_policy=20, seed=0)
+    assert sum(e.source == "banking77" for e in rows) == 20 and sum(e.source == "jackhhao" for e in rows) == 5
+    assert all(e.label == 0 and e.policy == "toxicity" and e.text != "in-source trigger" for e in rows)
+    sets = evaluation_sets(TrainConfig(), corpus)
+    assert sets.floor and {e.split for e in sets.floor} <= {"val", "sho_val"}

@@ -159,6 +159,19 @@ def test_multitask_end_to_end_and_eval(tiny_checkpoint: Path, data_dir: Path, tm
         assert payload[name]["support"] == 24 and payload[name]["threshold"] == loaded.thresholds[name]
     assert report.with_suffix(".pr.png").is_file()
 
+    # `uniguard train calibrate` refits thresholds by the training rule: spoiled thresholds come back as trained
+    import shutil
+
+    spoiled = shutil.copytree(out, tmp_path / "spoiled")
+    bad = loaded.model_copy(update={"thresholds": {k: 0.99 for k in loaded.thresholds}, "recipe": {}})
+    bad.save(spoiled)
+    with pytest.raises(SystemExit, match="--recipe-from"):
+        main(["train", "calibrate", "--model", str(spoiled)])
+    assert main(["train", "calibrate", "--model", str(spoiled), "--recipe-from", str(out)]) == 0
+    again = CheckpointMeta.load(spoiled)
+    assert again.thresholds == pytest.approx(loaded.thresholds, abs=1e-6)
+    assert again.metrics["recalibrated"]["previous_thresholds"] == {k: 0.99 for k in loaded.thresholds}
+
 
 def test_taskguard_end_to_end_is_reproducible(tiny_checkpoint: Path, data_dir: Path, tmp_path: Path) -> None:
     cfgs = [

@@ -45,6 +45,21 @@ def register(sub: Any) -> None:
     multi.add_argument("--holdout", nargs="*", default=None, help="policies kept out of training (zero-shot)")
     _common(multi, "runs/multitask", 25.0, 2)
     multi.set_defaults(func=run_train, kind="multitask", policy=None)
+    cal = tsub.add_parser(
+        "calibrate",
+        help="fit a checkpoint's thresholds again with today's calibration rule (weights untouched)",
+        description="Rebuild the checkpoint's evaluation sets from its recorded recipe and fit its thresholds on "
+        "the rows it never trained on, under the benign false-positive floors (docs/TRAINING.md).",
+    )
+    cal.add_argument("--model", type=Path, required=True, help="checkpoint folder (rewrites its uniguard_meta.json)")
+    cal.add_argument("--data", type=Path, default=None, help="shared data folder (default: the recipe's)")
+    cal.add_argument(
+        "--recipe-from",
+        type=Path,
+        default=None,
+        help="a trained checkpoint whose recipe rebuilds the evaluation sets (for a merged checkpoint)",
+    )
+    cal.set_defaults(func=run_calibrate)
     train.set_defaults(func=lambda a: train.print_help() or 2)
     from training.encoders_cli import register as register_encoders
 
@@ -150,4 +165,22 @@ def run_train(args: argparse.Namespace) -> int:
     m = meta.metrics
     zero_shot = f"zero-shot macro-F1 {m['zero_shot_macro_f1']:.4f}; " if m.get("zero_shot") else ""
     print(f"val macro-F1 {m['val_macro_f1']:.4f}; {zero_shot}{m['train_minutes']} min -> {values['out']}")
+    return 0
+
+
+def run_calibrate(args: Any) -> int:
+    from training.data import DataError
+    from training.train import recalibrate
+
+    try:
+        meta = recalibrate(args.model, args.data, args.recipe_from)
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"uniguard train calibrate: {exc}") from exc
+    before = meta.metrics["recalibrated"]["previous_thresholds"]
+    for name in sorted(meta.thresholds):
+        old, new = before.get(name), meta.thresholds[name]
+        if old is None or abs(old - new) > 1e-9:
+            where = meta.metrics["calibrated_on"].get(name, "")
+            print(f"{name:28s} {'-' if old is None else f'{old:.3f}'} -> {new:.3f}  ({where})")
+    print(f"source-held-out val macro-F1 {meta.metrics['sho_val_macro_f1']:.4f} -> {args.model}")
     return 0

@@ -866,10 +866,10 @@ def sample_epoch(
     """A balanced sample of ``budget`` training examples.
 
     The default policies share ``default_share`` of the budget, the others the rest, each policy in proportion
-    to its weight (``policy_weights``, default 1); within a policy each label gets half, and within a label each group (source) a share by its weight
-    (``group_weight``: hard-negative sources, the seed rows and the cross-policy group 2, down-weighted
-    groups less), so no source dominates. A stratum smaller than its share is repeated at most twice; what
-    it cannot fill goes to the other strata.
+    to its weight (``policy_weights``, default 1); within a policy each label gets half, and within a label each
+    group (source) a share by its weight (``group_weight``: hard-negative sources, the seed rows and the
+    cross-policy group 2, down-weighted groups less), so no source dominates. A stratum smaller than its share is
+    repeated at most twice; what it cannot fill goes to the other strata.
     """
     by_policy: dict[str, dict[int, dict[str, list[Example]]]] = defaultdict(lambda: defaultdict(dict))
     for e in sorted(examples, key=lambda e: (e.policy, e.label, e.source, text_hash(e.text))):
@@ -877,6 +877,7 @@ def sample_epoch(
     names = sorted(by_policy)
     dflt = [n for n in names if n in defaults]
     other = [n for n in names if n not in defaults]
+
     def spread(group: list[str], total: float) -> dict[str, float]:
         weight = sum(policy_weights.get(n, 1.0) for n in group)
         return {n: total * policy_weights.get(n, 1.0) / weight for n in group}

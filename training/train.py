@@ -36,6 +36,7 @@ from training.corpus import (
     load_paraphrases,
     load_policies,
     sample_epoch,
+    text_hash,
 )
 from training.data import DataError, load_all
 from training.encoders import portable_name
@@ -101,6 +102,10 @@ class TrainConfig(BaseModel):
     # targets of issue 13).
     max_fpr_everyday: float = 0.025
     max_fpr_trigger: float = 0.08
+    # The floors are read on every benign row of the val and sho_val splits under each default policy (up to this
+    # many per policy), not on the capped calibration rows alone: there a policy has a few dozen everyday rows, so
+    # 2.5% is one prompt and a single high score pinned thresholds at their 0.95 bound (docs/RESULTS.md §13).
+    floor_max_per_policy: int = 1200
     eval_max_chars: int = 4000
     threads: int = 2
     bf16: bool = False  # bfloat16 autocast: oneDNN re-JITs kernels for every new shape on CPU (slow)
@@ -349,6 +354,7 @@ class EvalSets:
     defaults: tuple[str, ...]  # the registry's default policies: a larger share of every capped set
     sho_early_stop: list[Example] = field(default_factory=list)  # source-held-out (sho_val) rows
     sho_calibration: list[Example] = field(default_factory=list)
+    floor: list[Example] = field(default_factory=list)  # benign val/sho_val rows of the default policies (floors)
 
 
 def _capped(
@@ -376,7 +382,23 @@ def evaluation_sets(cfg: TrainConfig, corpus: Corpus) -> EvalSets:
         defaults=defaults,
         sho_early_stop=_capped(sho_all, defaults, cfg.sho_es_cap, cfg.seed, cfg.sho_max_per_policy),
         sho_calibration=_capped(sho_all, defaults, cfg.sho_val_cap, cfg.seed, cfg.sho_max_per_policy),
+        floor=floor_rows(val_all + sho_all, defaults, cfg.floor_max_per_policy, cfg.seed),
     )
+
+
+def floor_rows(examples: Sequence[Example], defaults: Sequence[str], per_policy: int, seed: int) -> list[Example]:
+    """The benign rows that set the false-positive floors: everyday and held-out trigger-word prompts labelled safe
+    under a default policy, at most ``per_policy`` of each kind per policy, chosen by text hash."""
+    from training.data import TRIGGER_WORD_SOURCES
+
+    out: list[Example] = []
+    for policy in defaults:
+        safe = [e for e in examples if e.policy == policy and e.label == 0]
+        everyday = [e for e in safe if _everyday(e)]
+        trigger = [e for e in safe if e.split == "sho_val" and e.source in TRIGGER_WORD_SOURCES]
+        for kind in (everyday, trigger):
+            out += sorted(kind, key=lambda e: text_hash(e.text, seed + 7))[:per_policy]
+    return out
 
 
 class TrainRun(BaseModel):
@@ -510,7 +532,9 @@ class Trainer:
     def reserve_seconds(self) -> float:
         """Time kept for calibration and zero-shot scoring at the end, from the measured evaluation speed."""
         rate = self.eval_rate or 30.0
-        return (len(self.sets.calibration) + len(self.sets.sho_calibration) + len(self.sets.zero_shot)) / rate + 30.0
+        sets = self.sets
+        rows = len(sets.calibration) + len(sets.sho_calibration) + len(sets.floor) + len(sets.zero_shot)
+        return rows / rate + 30.0
 
     # -- batches ----------------------------------------------------------------------------------
     def epoch_batches(self) -> list[list[tuple[Window, Example]]]:
@@ -661,13 +685,20 @@ def calibrate(
     from training.data import TRIGGER_WORD_SOURCES
 
     val, sho = sets.calibration, sets.sho_calibration
-    log.info("calibrating thresholds on %d in-source and %d source-held-out validation pairs", len(val), len(sho))
-    scores = score_examples(model, encoder, val + sho, policy_texts)
-    val_scores, sho_scores = scores[: len(val)], scores[len(val) :]
-    everyday = [(e, sc) for e, sc in zip(val + sho, scores, strict=True) if e.label == 0 and _everyday(e)]
-    trigger = [
-        (e, sc) for e, sc in zip(sho, sho_scores, strict=True) if e.label == 0 and e.source in TRIGGER_WORD_SOURCES
-    ]
+    seen = {(e.policy, e.text) for e in val + sho}
+    extra = [e for e in sets.floor if (e.policy, e.text) not in seen]
+    log.info(
+        "calibrating thresholds on %d in-source and %d source-held-out validation pairs (+%d benign pairs for the "
+        "false-positive floors)",
+        len(val),
+        len(sho),
+        len(extra),
+    )
+    scores = score_examples(model, encoder, val + sho + extra, policy_texts)
+    val_scores, sho_scores = scores[: len(val)], scores[len(val) : len(val) + len(sho)]
+    benign = [(e, sc) for e, sc in zip(val + sho + extra, scores, strict=True) if e.label == 0]
+    everyday = [(e, sc) for e, sc in benign if _everyday(e)]
+    trigger = [(e, sc) for e, sc in benign if e.split == "sho_val" and e.source in TRIGGER_WORD_SOURCES]
     thresholds: dict[str, float] = {}
     calibrated_on: dict[str, str] = {}
     for policy in sorted({e.policy for e in val} | {e.policy for e in sho}):
@@ -713,12 +744,28 @@ def _everyday(e: Example) -> bool:
     return (e.kind == "benign" and e.source != "clinc150_meta") or e.source in EVERYDAY_BENIGN_SOURCES
 
 
-def checkpoint_meta(
-    cfg: TrainConfig, base: Path, corpus: Corpus, sets: EvalSets, run: TrainRun, cal: Calibration, started: float
-) -> CheckpointMeta:
+def calibration_metrics(cal: Calibration, sets: EvalSets) -> dict[str, Any]:
+    """The checkpoint meta's metrics that calibration sets (thresholds' val, source-held-out and zero-shot scores)."""
+
     def dump(metrics: dict[str, BinaryMetrics]) -> dict[str, Any]:
         return {p: m.model_dump() for p, m in metrics.items()}
 
+    return {
+        "val": dump(cal.val),
+        "val_macro_f1": macro([m.f1 for m in cal.val.values()]),
+        "val_default_macro_f1": macro([m.f1 for p, m in cal.val.items() if p in sets.defaults]),
+        "val_source_macro_accuracy": cal.val_source_macro,
+        "sho_val": dump(cal.sho_val),
+        "sho_val_macro_f1": macro([m.f1 for m in cal.sho_val.values() if 0 < m.positives < m.support]),
+        "calibrated_on": cal.calibrated_on,
+        "zero_shot": dump(cal.zero_shot),
+        "zero_shot_macro_f1": macro([m.f1 for m in cal.zero_shot.values()]),
+    }
+
+
+def checkpoint_meta(
+    cfg: TrainConfig, base: Path, corpus: Corpus, sets: EvalSets, run: TrainRun, cal: Calibration, started: float
+) -> CheckpointMeta:
     return CheckpointMeta(
         kind=cfg.kind,
         name=f"taskguard-{cfg.policy}" if cfg.kind == "taskguard" and cfg.policy else cfg.kind,
@@ -734,15 +781,7 @@ def checkpoint_meta(
             "held_out": corpus.holdout,
         },
         metrics={
-            "val": dump(cal.val),
-            "val_macro_f1": macro([m.f1 for m in cal.val.values()]),
-            "val_default_macro_f1": macro([m.f1 for p, m in cal.val.items() if p in sets.defaults]),
-            "val_source_macro_accuracy": cal.val_source_macro,
-            "sho_val": dump(cal.sho_val),
-            "sho_val_macro_f1": macro([m.f1 for m in cal.sho_val.values() if 0 < m.positives < m.support]),
-            "calibrated_on": cal.calibrated_on,
-            "zero_shot": dump(cal.zero_shot),
-            "zero_shot_macro_f1": macro([m.f1 for m in cal.zero_shot.values()]),
+            **calibration_metrics(cal, sets),
             "history": run.history,
             "best_step": run.best_step,
             "steps": run.steps,
@@ -809,6 +848,50 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> CheckpointMeta:
     meta = checkpoint_meta(cfg, base, corpus, sets, run, cal, started)
     save_checkpoint(cfg.out, model, base, meta)
     log.info("saved %s in %.1f min", cfg.out, (time.monotonic() - started) / 60)
+    return meta
+
+
+def recalibrate(checkpoint: Path, data: Path | None = None, recipe_from: Path | None = None) -> CheckpointMeta:
+    """Fit a checkpoint's thresholds again with today's calibration rule, on the rows its recipe never trained on
+    (the same corpus, splits and evaluation sets, rebuilt from its recorded training recipe, or from
+    ``recipe_from``'s for a merged checkpoint); the weights are untouched and the meta records the recalibration."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    checkpoint = Path(checkpoint)
+    meta = CheckpointMeta.load(checkpoint)
+    source = CheckpointMeta.load(Path(recipe_from)) if recipe_from is not None else meta
+    if "kind" not in source.recipe or "holdout" not in source.recipe:
+        raise DataError(
+            f"{checkpoint}: its meta holds no training recipe (a merged checkpoint?); pass --recipe-from with one "
+            "of the trained checkpoints it was merged from"
+        )
+    recipe = {k: v for k, v in source.recipe.items() if k in TrainConfig.model_fields and k != "encoding"}
+    cfg = TrainConfig(**recipe, encoding=meta.encoding)
+    if data is not None:
+        cfg = cfg.model_copy(update={"data": data})
+    corpus = build_training_corpus(cfg)
+    sets = evaluation_sets(cfg, corpus)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    encoder = encoder_from_config(Tokenizer.from_file(str(checkpoint / "tokenizer.json")), meta.encoding)
+    canonical = {name: corpus.policies[name].instruction_text() for name in corpus.policies}
+    cal = calibrate(cfg, model, encoder, sets, canonical)
+    previous = dict(meta.thresholds)
+    meta = meta.model_copy(
+        update={
+            "thresholds": cal.thresholds,
+            "default_threshold": cal.default_threshold,
+            "metrics": {
+                **meta.metrics,
+                **calibration_metrics(cal, sets),
+                "recalibrated": {"rule": "uniguard train calibrate", "previous_thresholds": previous},
+            },
+        }
+    )
+    meta.save(checkpoint)
     return meta
 
 
