@@ -389,13 +389,11 @@ def evaluation_sets(cfg: TrainConfig, corpus: Corpus) -> EvalSets:
 def floor_rows(examples: Sequence[Example], defaults: Sequence[str], per_policy: int, seed: int) -> list[Example]:
     """The benign rows that set the false-positive floors: everyday and held-out trigger-word prompts labelled safe
     under a default policy, at most ``per_policy`` of each kind per policy, chosen by text hash."""
-    from training.data import TRIGGER_WORD_SOURCES
-
     out: list[Example] = []
     for policy in defaults:
         safe = [e for e in examples if e.policy == policy and e.label == 0]
         everyday = [e for e in safe if _everyday(e)]
-        trigger = [e for e in safe if e.split == "sho_val" and e.source in TRIGGER_WORD_SOURCES]
+        trigger = [e for e in safe if _trigger_word(e)]
         for kind in (everyday, trigger):
             out += sorted(kind, key=lambda e: text_hash(e.text, seed + 7))[:per_policy]
     return out
@@ -682,8 +680,6 @@ def calibrate(
     everyday benign prompts within ``max_fpr_everyday`` and on held-out trigger-word prompts within
     ``max_fpr_trigger``. ``default_threshold`` on the non-default policies' in-source rows pooled (custom and unseen
     policies get it); zero-shot metrics of the held-out policies at it."""
-    from training.data import TRIGGER_WORD_SOURCES
-
     val, sho = sets.calibration, sets.sho_calibration
     seen = {(e.policy, e.text) for e in val + sho}
     extra = [e for e in sets.floor if (e.policy, e.text) not in seen]
@@ -698,7 +694,7 @@ def calibrate(
     val_scores, sho_scores = scores[: len(val)], scores[len(val) : len(val) + len(sho)]
     benign = [(e, sc) for e, sc in zip(val + sho + extra, scores, strict=True) if e.label == 0]
     everyday = [(e, sc) for e, sc in benign if _everyday(e)]
-    trigger = [(e, sc) for e, sc in benign if e.split == "sho_val" and e.source in TRIGGER_WORD_SOURCES]
+    trigger = [(e, sc) for e, sc in benign if _trigger_word(e)]
     thresholds: dict[str, float] = {}
     calibrated_on: dict[str, str] = {}
     for policy in sorted({e.policy for e in val} | {e.policy for e in sho}):
@@ -735,6 +731,13 @@ def calibrate(
         sho_val=sho_metrics,
         calibrated_on=calibrated_on,
     )
+
+
+def _trigger_word(e: Example) -> bool:
+    """A benign prompt full of trigger words from a source held out of training (its sho_val half)."""
+    from training.data import TRIGGER_WORD_SOURCES
+
+    return e.split == "sho_val" and e.source in TRIGGER_WORD_SOURCES
 
 
 def _everyday(e: Example) -> bool:
