@@ -400,3 +400,27 @@ def test_false_positive_floors_read_benign_rows_never_trained_on(corpus: Corpus)
     assert all(e.label == 0 and e.policy == "toxicity" and e.text != "in-source trigger" for e in rows)
     sets = evaluation_sets(TrainConfig(), corpus)
     assert sets.floor and {e.split for e in sets.floor} <= {"val", "sho_val"}
+
+
+def test_eval_set_can_leave_out_every_source_a_model_trained_on(corpus: Corpus, tmp_path: Path) -> None:
+    """`uniguard data evalset --exclude-sources-of MODEL`: the comparison set holds no row of a source listed in
+    the model's manifest (or checkpoint meta), and keeps the other sources' rows."""
+    from training.evalsets import trained_sources, write_eval_set
+    from training.meta import META_FILE
+
+    exported, checkpoint = tmp_path / "exported", tmp_path / "checkpoint"
+    exported.mkdir(), checkpoint.mkdir()
+    source = {"license": "MIT", "policy": "content_safety", "rows": 3}
+    (exported / "manifest.json").write_text(json.dumps({"data_sources": [{"source": "advbench", **source}]}))
+    (checkpoint / META_FILE).write_text(json.dumps({"data_sources": [{"source": "wildguardmix", **source}]}))
+    excluded = trained_sources(exported) | trained_sources(checkpoint)
+    assert excluded == {"advbench", "wildguardmix"}
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
+        trained_sources(tmp_path)
+
+    splits = ["train", "val", "test", "sho_val", "sho_test"]
+    everything = write_eval_set(corpus, splits, tmp_path / "all")
+    kept = write_eval_set(corpus, splits, tmp_path / "kept", exclude_sources=excluded)
+    sources = Counter(json.loads(line)["source"] for line in kept.rows_file.read_text().splitlines())
+    assert not excluded & set(sources)
+    assert sources and kept.rows == sum(1 for e in corpus.examples if e.source not in excluded) < everything.rows

@@ -86,6 +86,15 @@ def register(sub: Any) -> None:
     rows.add_argument("--cap", type=int, default=None, help="max rows per (policy, source, label)")
     rows.add_argument("--data", type=Path, help="shared JSONL data folder")
     rows.add_argument("--out", type=Path, required=True, help="folder for rows.jsonl and policies/")
+    rows.add_argument(
+        "--exclude-sources-of",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="drop the rows of every source these models (exported folders or checkpoints) trained on, so a "
+        "comparison reads only sources none of them saw",
+    )
     rows.set_defaults(func=run_data_evalset)
     summ = dsub.add_parser("summary", help="Markdown table of a source-held-out `uniguard eval --json` report")
     summ.add_argument("report", type=Path, help="eval JSON of a sho split (uniguard data evalset + uniguard eval)")
@@ -113,9 +122,14 @@ def run_data_report(args: argparse.Namespace) -> int:
 
 
 def run_data_evalset(args: argparse.Namespace) -> int:
-    from training.evalsets import load_corpus, write_eval_set
+    from training.evalsets import load_corpus, trained_sources, write_eval_set
 
-    result = write_eval_set(load_corpus(args.data), args.split, args.out, args.policies, args.cap)
+    excluded = set().union(*(trained_sources(m) for m in args.exclude_sources_of))
+    if excluded:
+        print(f"leaving out {len(excluded)} sources the models trained on: {', '.join(sorted(excluded))}")
+    result = write_eval_set(
+        load_corpus(args.data), args.split, args.out, args.policies, args.cap, exclude_sources=excluded
+    )
     for name, counts in result.per_policy.items():
         print(f"{name:<28} safe {counts.get('safe', 0):>6}  unsafe {counts.get('unsafe', 0):>6}")
     print(f"wrote {result.rows} rows to {result.rows_file} (policies outside the registry: {result.policy_dir})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import yaml
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from policies.registry import PolicyRegistry
 from training.corpus import Corpus, build_corpus, cap_examples, load_paraphrases, load_policies
 from training.data import HELDOUT_SOURCES, SEED_DIR, Row, clean_rows, default_data_dir, load_rows
+from training.meta import META_FILE
 
 
 class EvalSet(BaseModel):
@@ -46,11 +47,18 @@ def write_eval_set(
     policies: Sequence[str] | None = None,
     cap: int | None = None,
     seed: int = 0,
+    exclude_sources: Collection[str] = (),
 ) -> EvalSet:
     """The corpus examples of ``splits`` (optionally only ``policies``; at most ``cap`` per (policy, source,
-    label)) as ``out/rows.jsonl``, and the non-registry policies they use as ``out/policies/*.yaml``."""
+    label)) as ``out/rows.jsonl``, and the non-registry policies they use as ``out/policies/*.yaml``.
+    ``exclude_sources``: drop every row of these sources (e.g. :func:`trained_sources` of the models compared, so
+    the set holds only sources none of them trained on)."""
     wanted = set(policies) if policies else None
-    examples = [e for e in corpus.examples if e.split in splits and (wanted is None or e.policy in wanted)]
+    examples = [
+        e
+        for e in corpus.examples
+        if e.split in splits and (wanted is None or e.policy in wanted) and e.source not in exclude_sources
+    ]
     if cap:
         examples = cap_examples(examples, cap, seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +135,17 @@ def data_report(data: Path | None = None, extra: Sequence[Path] = ()) -> str:
             f"{c['test']} | {c['sho_val']} | {c['sho_test']} |"
         )
     return "\n".join(lines)
+
+
+def trained_sources(model: Path) -> set[str]:
+    """The public sources a model trained on: ``data_sources`` of an exported folder's ``manifest.json`` or of a
+    checkpoint's ``uniguard_meta.json`` (``manifest.json`` is export's ``MANIFEST_FILE``, read as plain JSON here:
+    training does not import the later stages)."""
+    for name in ("manifest.json", META_FILE):
+        path = Path(model) / name
+        if path.is_file():
+            return {ds["source"] for ds in json.loads(path.read_text(encoding="utf-8")).get("data_sources", [])}
+    raise FileNotFoundError(f"{model}: neither manifest.json nor {META_FILE} (pass an exported model or a checkpoint)")
 
 
 def rows_of(examples_file: Path) -> list[Row]:
