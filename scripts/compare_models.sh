@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Compare exported models (or checkpoints) the way the shipping rule reads them (docs/RESULTS.md §13-14):
+#   - source-held-out test of the default policies, as is (sources held out of the *candidate's* training), and
+#     restricted to the sources none of the compared models trained on (`--exclude-sources-of`), where a policy
+#     left without unsafe rows takes its F1 from the hand-written held-out set;
+#   - the hand-written held-out set (16 policies, never trained by any model);
+#   - first-contact probes and moderation-style sets judged as /classify's `flagged`;
+#   - zero-shot policies (scope and topic policies no model trained on).
+# Usage: scripts/compare_models.sh SHARED_DATA OUT MODEL [MODEL ...]   (one JSON per set and model under OUT/)
+set -euo pipefail
+[ $# -ge 3 ] || { echo "usage: $0 SHARED_DATA OUT MODEL [MODEL ...]" >&2; exit 2; }
+DATA=$1
+OUT=$2
+shift 2
+MODELS=("$@")
+DEFAULTS=(prompt_injection toxicity content_safety financial_advice tax_advice)
+ZERO_SHOT=(scope_cooking scope_hr privacy defamation intellectual_property gambling)
+BIN=${BIN:-.venv/bin}
+export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
+
+echo "== evaluation sets"
+"$BIN/uniguard" data evalset --split sho_test --data "$DATA" --policies "${DEFAULTS[@]}" --out "$OUT/sets/sho-test"
+"$BIN/uniguard" data evalset --split sho_test --data "$DATA" --policies "${DEFAULTS[@]}" \
+  --exclude-sources-of "${MODELS[@]}" --out "$OUT/sets/sho-test-unseen"
+"$BIN/uniguard" data evalset --split val test --data "$DATA" --policies "${ZERO_SHOT[@]}" --cap 40 \
+  --out "$OUT/sets/zero-shot"
+
+i=0
+for model in "${MODELS[@]}"; do
+  i=$((i + 1))
+  dir="$OUT/$i-$(basename "$model")"
+  mkdir -p "$dir"
+  echo "$model" >"$dir/MODEL"
+  echo "== $i: $model"
+  for set in sho-test sho-test-unseen zero-shot; do
+    "$BIN/uniguard" eval --model "$model" --data "$OUT/sets/$set/rows.jsonl" --policies "$OUT/sets/$set/policies" \
+      --json "$dir/$set.json"
+  done
+  "$BIN/uniguard" eval --model "$model" --data training/data/heldout --split all \
+    --policies training/data/policies training/data/heldout/policies --json "$dir/heldout.json"
+  "$BIN/uniguard" eval --model "$model" --data training/data/probes --flagged "${DEFAULTS[@]}" \
+    --json "$dir/probes.json"
+  "$BIN/uniguard" eval --model "$model" --data "$DATA/toxicity" "$DATA/content_safety" "$DATA/benign" \
+    --split sho_test --cap 400 --flagged toxicity content_safety --json "$dir/moderation.json"
+  echo "-- $model: source-held-out test (candidate's held-out sources)"
+  "$BIN/uniguard" data summary "$dir/sho-test.json" --heldout "$dir/heldout.json" | tee "$dir/sho-test.md"
+  echo "-- $model: source-held-out test, only sources no compared model trained on"
+  "$BIN/uniguard" data summary "$dir/sho-test-unseen.json" --heldout "$dir/heldout.json" | tee "$dir/sho-test-unseen.md"
+done
+echo "done: $OUT"
