@@ -3,8 +3,8 @@
 #   train (MultiTaskGuard + TaskGuards) -> merge (bandit search) -> export cpu-int8 -> evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
 # Time on this 2-core machine (docs/RESULTS.md §14): the MultiTaskGuard stops at its 45-minute budget, calibration
-# included (44.3 min measured, 655 steps), the int8 export and its parity gate take about 1.5 min, the evaluations
-# about 10; a failed parity gate stops the build (nothing is written to MODEL_DIR). The merge stage is off by default: no merge of TaskGuards or of seeds beat the MultiTaskGuard
+# included (44.3 min measured, 655 steps); the int8 export and its parity gate took 1.5 min there and the gate
+# failed, which stops the build (nothing is written to MODEL_DIR), so the evaluation steps have not been timed. The merge stage is off by default: no merge of TaskGuards or of seeds beat the MultiTaskGuard
 # alone on the source-held-out rows (docs/RESULTS.md §12-13), and it costs 20-30 minutes; SKIP_MERGE=0 runs it.
 set -euo pipefail
 DATA=${1:-../shared/data}
