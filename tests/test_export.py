@@ -435,6 +435,40 @@ def test_prefix_export_int8_parity_size_and_engine(decisive_prefix_checkpoint: P
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE]
 
 
+def test_int8_that_fails_the_gate_is_rebuilt_with_more_fp32_nodes(
+    decisive_prefix_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int8 graph that fails the parity gate is rebuilt with the next rung of fp32 MatMuls; the manifest says
+    which rung shipped and which failed. When every rung fails, the export fails and writes nothing."""
+    import export.onnx as onnx_export
+    from export.parity import ParityError, ParityReport
+
+    rows = synthetic_rows(CheckpointMeta.load(decisive_prefix_checkpoint))
+    real_check, calls = onnx_export.check, []
+
+    def fail_first(report: ParityReport) -> None:  # the first graph "fails"; later ones face the real gate
+        calls.append(report.agreement)
+        if len(calls) == 1:
+            raise ParityError(report.model_copy(update={"passed": False, "failures": ["forced by the test"]}))
+        real_check(report)
+
+    monkeypatch.setattr(onnx_export, "check", fail_first)
+    manifest = export_checkpoint(decisive_prefix_checkpoint, tmp_path / "int8", "cpu-int8", val_rows=rows)
+    quantization = manifest.export["quantization"]
+    assert len(calls) == 2 and manifest.parity["passed"]
+    assert quantization["fp32_rung"] == "all_encoder_matmuls"
+    assert [f["fp32_rung"] for f in quantization["failed_rungs"]] == ["ffn_output+layer0"]
+    assert "/layer.1/intermediate/dense/MatMul" in quantization["fp32_nodes"]
+
+    def always_fail(report: ParityReport) -> None:
+        raise ParityError(report.model_copy(update={"passed": False, "failures": ["forced by the test"]}))
+
+    monkeypatch.setattr(onnx_export, "check", always_fail)
+    with pytest.raises(ParityError):
+        export_checkpoint(decisive_prefix_checkpoint, tmp_path / "failed", "cpu-int8", val_rows=rows)
+    assert not (tmp_path / "failed").exists()
+
+
 def test_prefix_cuda_fp16_structure(decisive_prefix_checkpoint: Path, tmp_path: Path) -> None:
     import onnx
 
