@@ -578,13 +578,14 @@ def build_and_gate(plan: ExportPlan, staging: Path) -> tuple[GraphBuild, Evaluat
     last rung's failure is the export's (``ParityError``)."""
     rungs = len(FP32_RUNGS) if plan.target == "cpu-int8" else 1
     failed: list[dict[str, Any]] = []
+    torch_cache: dict[str, list[float]] = {}  # the checkpoint is scored once, whatever the rung
     for rung in range(rungs):
         build = build_graph(plan, staging, rung)
         if failed:
             build.export["quantization"]["failed_rungs"] = failed
         stage_manifest(plan, build, staging, None)
         try:
-            return build, gate_and_measure(plan, staging)
+            return build, gate_and_measure(plan, staging, torch_cache)
         except ParityError as exc:
             if rung + 1 == rungs:
                 raise
@@ -634,9 +635,10 @@ def recalibrate_thresholds(
     return refitted
 
 
-def gate_and_measure(plan: ExportPlan, staging: Path) -> Evaluation:
+def gate_and_measure(plan: ExportPlan, staging: Path, torch_cache: dict[str, list[float]] | None = None) -> Evaluation:
     """Score the rows with the staged model through the service's engine (and with the torch checkpoint through
-    the same scoring core, on the same windows, unless parity is skipped): metrics, thresholds and the gate."""
+    the same scoring core, on the same windows, unless parity is skipped): metrics, thresholds and the gate.
+    ``torch_cache``: the checkpoint's scores kept across calls (they do not depend on the graph, e.g. its rung)."""
     meta, target = plan.meta, plan.target
     thresholds = {p.name: meta.thresholds.get(p.name, meta.default_threshold) for p in meta.policies}
     if not plan.rows:
@@ -683,9 +685,12 @@ def gate_and_measure(plan: ExportPlan, staging: Path) -> Evaluation:
         )
     from training.predict import load_checkpoint
 
-    log.info("parity gate: scoring %d rows with torch", len(plan.rows))
-    torch_scorer, _ = load_checkpoint(plan.checkpoint)
-    torch_scores = score_with_progress(torch_scorer, windows, plan.batch_size, "torch")
+    cache = torch_cache if torch_cache is not None else {}
+    if "scores" not in cache:
+        log.info("parity gate: scoring %d rows with torch", len(plan.rows))
+        torch_scorer, _ = load_checkpoint(plan.checkpoint)
+        cache["scores"] = score_with_progress(torch_scorer, windows, plan.batch_size, "torch")
+    torch_scores = cache["scores"]
     report = compare(target, policies, queries, labels, torch_scores, onnx_scores, thresholds)
     log.info("%s", report.format())
     check(report)
