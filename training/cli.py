@@ -43,6 +43,14 @@ def register(sub: Any) -> None:
     task.set_defaults(func=run_train, kind="taskguard", holdout=[])
     multi = tsub.add_parser("multitask", help="train one model on dozens of policies (CE + MLM + ALICE++)")
     multi.add_argument("--holdout", nargs="*", default=None, help="policies kept out of training (zero-shot)")
+    multi.add_argument(
+        "--train-heldout",
+        nargs="*",
+        default=None,
+        metavar="SOURCE",
+        help="a final fit: held-out sources (training/data.py HELDOUT_SOURCES) to train on; the rest stay held out "
+        "for selection and calibration",
+    )
     _common(multi, "runs/multitask", 25.0, 2)
     multi.set_defaults(func=run_train, kind="multitask", policy=None)
     cal = tsub.add_parser(
@@ -161,6 +169,8 @@ def run_train(args: argparse.Namespace) -> int:
         values.update(adv_weight=0.0, mlm_weight=0.0, holdout=[])
     if args.kind == "multitask" and args.holdout is not None:
         values["holdout"] = args.holdout
+    if args.kind == "multitask" and args.train_heldout:
+        values["train_heldout"] = args.train_heldout
     for key in (
         "examples_per_epoch",
         "batch_size",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -634,10 +634,11 @@ def _benign_ok(row: Row, target: str, target_family: str) -> bool:
 class _Builder:
     """Collects examples: one (policy, normalised text) pair at most, in the order the phases add them."""
 
-    def __init__(self, policies: dict[str, Policy], split_seed: int) -> None:
+    def __init__(self, policies: dict[str, Policy], split_seed: int, train_heldout: Collection[str] = ()) -> None:
         self.policies = policies
         self.families = {name: family_of(name) for name in policies}
         self.split_seed = split_seed
+        self.train_heldout = frozenset(train_heldout)
         self.examples: list[Example] = []
         self._seen: set[tuple[str, str]] = set()
         self.added: Counter[str] = Counter()
@@ -656,7 +657,7 @@ class _Builder:
                 label,
                 row.source,
                 kind,
-                row_split(row, self.split_seed),
+                row_split(row, self.split_seed, self.train_heldout),
                 row.rationale,
                 window,
                 row.license,
@@ -815,14 +816,16 @@ def build_corpus(
     cross_per_policy: int = 2500,
     benign_per_policy: int = 1500,
     others_per_scope: int = 800,
+    train_heldout: Collection[str] = (),
 ) -> Corpus:
-    """All (policy, prompt, label) examples with their split; see the module docstring."""
+    """All (policy, prompt, label) examples with their split; see the module docstring. ``train_heldout``: held-out
+    sources this corpus trains on (a final fit: their rows take the in-source split, ``row_split``)."""
     policies = dict(policies if policies is not None else load_policies())
     paraphrases = paraphrases if paraphrases is not None else load_paraphrases()
     holdout = [h for h in holdout if h in policies]
     benign = [r for r in rows if is_benign(r)]
     labelled = [r for r in rows if not is_benign(r) or r.policy in policies]
-    b = _Builder(policies, split_seed)
+    b = _Builder(policies, split_seed, train_heldout)
     _native_and_derived(b, labelled)
     _family_negatives(b, labelled)
     _benign_negatives(b, benign, seed, benign_per_policy)

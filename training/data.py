@@ -13,7 +13,7 @@ import os
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
@@ -225,9 +225,12 @@ def split_of(text: str, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.
     return "test"
 
 
-def row_split(row: Row, seed: int = 0) -> Split:
-    """The split of a row: ``sho_val``/``sho_test`` (by text hash) for a held-out source, else ``split_of``."""
-    if row.source in HELDOUT_SOURCES:
+def row_split(row: Row, seed: int = 0, trained: Collection[str] = ()) -> Split:
+    """The split of a row: ``sho_val``/``sho_test`` (by text hash) for a held-out source, else ``split_of``.
+
+    ``trained``: held-out sources that a final fit trains on (``TrainConfig.train_heldout``): their rows take the
+    in-source train/val/test split like any other source's."""
+    if row.source in HELDOUT_SOURCES and row.source not in trained:
         return "sho_val" if text_hash(row.text, seed + 101) % 2 == 0 else "sho_test"
     return split_of(row.text, seed)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from policies.instruction import EncodingConfig, InstructionEncoder, Mode, Window, encoder_from_config
 from policies.labels import ID2LABEL, LABEL2ID
@@ -38,7 +38,7 @@ from training.corpus import (
     sample_epoch,
     text_hash,
 )
-from training.data import DataError, load_all
+from training.data import HELDOUT_SOURCES, DataError, load_all
 from training.encoders import portable_name
 from training.meta import CheckpointMeta
 from training.metrics import BinaryMetrics, binary_metrics, calibrate_threshold, macro
@@ -97,6 +97,9 @@ class TrainConfig(BaseModel):
     sho_val_cap: int = 60
     sho_max_per_policy: tuple[int, int] = (300, 48)
     sho_min_rows: int = 30
+    # A final fit: held-out sources this run trains on (their rows take the in-source train/val/test split), once
+    # the recipe has been chosen with them held out. The sources left held out still select and calibrate.
+    train_heldout: list[str] = Field(default_factory=list)
     # Over-defense: a threshold never lets more than this share of everyday benign prompts (benign/ sources) or of
     # held-out trigger-word benign prompts through as unsafe on the calibration rows (margins below the 3% / 10%
     # targets of issue 13).
@@ -111,6 +114,17 @@ class TrainConfig(BaseModel):
     bf16: bool = False  # bfloat16 autocast: oneDNN re-JITs kernels for every new shape on CPU (slow)
     pad_multiple: int = 8  # pad batches to a multiple of this length: few distinct shapes
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
+
+    @field_validator("train_heldout")
+    @classmethod
+    def _known_heldout_sources(cls, sources: list[str]) -> list[str]:
+        unknown = sorted(set(sources) - HELDOUT_SOURCES)
+        if unknown:
+            raise ValueError(
+                f"--train-heldout {', '.join(unknown)}: not a held-out source (choose from "
+                f"{', '.join(sorted(HELDOUT_SOURCES))})"
+            )
+        return sorted(set(sources))
 
     @model_validator(mode="after")
     def _mode_is_the_encoding_mode(self) -> TrainConfig:
@@ -339,7 +353,13 @@ def build_training_corpus(cfg: TrainConfig) -> Corpus:
         chosen = {cfg.policy: policies[cfg.policy]}
         return build_corpus(rows, chosen, {}, holdout=(), seed=cfg.seed, split_seed=cfg.split_seed, cross_per_policy=0)
     return build_corpus(
-        rows, policies, load_paraphrases(), holdout=cfg.holdout, seed=cfg.seed, split_seed=cfg.split_seed
+        rows,
+        policies,
+        load_paraphrases(),
+        holdout=cfg.holdout,
+        seed=cfg.seed,
+        split_seed=cfg.split_seed,
+        train_heldout=cfg.train_heldout,
     )
 
 
@@ -734,10 +754,11 @@ def calibrate(
 
 
 def _trigger_word(e: Example) -> bool:
-    """A benign prompt full of trigger words from a source held out of training (its sho_val half)."""
+    """A benign prompt full of trigger words from a source held out of training (its sho_val half), or, in a final
+    fit that trains on that source (``train_heldout``), from its in-source val split: rows never trained on."""
     from training.data import TRIGGER_WORD_SOURCES
 
-    return e.split == "sho_val" and e.source in TRIGGER_WORD_SOURCES
+    return e.split in ("sho_val", "val") and e.source in TRIGGER_WORD_SOURCES
 
 
 def _everyday(e: Example) -> bool:
