@@ -431,6 +431,7 @@ def test_prefix_export_int8_parity_size_and_engine(decisive_prefix_checkpoint: P
     fp32_nodes = int8.export["quantization"]["fp32_nodes"]  # the FFN output projections and all of layer 0
     assert "/layer.1/output/dense/MatMul" in fp32_nodes and "/layer.1/intermediate/dense/MatMul" not in fp32_nodes
     assert {"/layer.0/attention/self/query/MatMul", "/layer.0/intermediate/dense/MatMul"} <= set(fp32_nodes)
+    assert int8.export["quantization"]["fp32_weights_stored_as"].startswith("float16")
     assert (tmp_path / "int8" / MODEL_FILE).stat().st_size < 0.35 * (tmp_path / "fp32" / MODEL_FILE).stat().st_size
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE]
 
@@ -482,3 +483,42 @@ def test_prefix_cuda_fp16_structure(decisive_prefix_checkpoint: Path, tmp_path: 
         if v.name.startswith(("policy_k", "policy_v", "present", "logits"))
     ]
     assert float_io and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in float_io)  # keep_io_types
+
+
+def test_fp32_weights_are_stored_as_fp16_and_folded_at_load(tmp_path: Path) -> None:
+    """The MatMuls kept in fp32 store their weights as float16 behind a Cast: the file is about half as large, ONNX
+    Runtime folds the casts when the session loads (no Cast left to run), and the outputs move by fp16 rounding only."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx import store_fp32_weights_as_fp16
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 128)).astype(np.float32)
+    small = rng.normal(size=(128, 2)).astype(np.float32)  # below min_elements: left as it is
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "small"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(small, "small")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    before, size = ort.InferenceSession(str(path)).run(None, {"x": x})[0], path.stat().st_size
+
+    assert store_fp32_weights_as_fp16(path, min_elements=4096).startswith("float16 (1 MatMul")
+    stored = onnx.load(str(path))
+    dtypes = {t.name: t.data_type for t in stored.graph.initializer}
+    assert dtypes == {"w_fp16": TensorProto.FLOAT16, "small": TensorProto.FLOAT}
+    assert [n.op_type for n in stored.graph.node] == ["Cast", "MatMul", "MatMul"]
+    assert path.stat().st_size < 0.6 * size
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    after = ort.InferenceSession(str(path), options).run(None, {"x": x})[0]
+    assert "Cast" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    np.testing.assert_allclose(after, before, rtol=2e-2, atol=2e-2)
+    assert not np.array_equal(after, before)  # the weights really are rounded
+    assert store_fp32_weights_as_fp16(path) == "float32"  # nothing left to convert
