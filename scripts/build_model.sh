@@ -2,10 +2,12 @@
 # `make model`: rebuild the shipped default model end to end with the project's own commands:
 #   train (MultiTaskGuard + TaskGuards) -> merge (bandit search) -> export cpu-int8 -> evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
-# Time on this 2-core machine (docs/RESULTS.md §14): the MultiTaskGuard stops at its 45-minute budget, calibration
-# included (44.3 min measured, 655 steps); the int8 export and its parity gate took 1.5 min there and the gate
-# failed, which stops the build (nothing is written to MODEL_DIR), so the evaluation steps have not been timed. The merge stage is off by default: no merge of TaskGuards or of seeds beat the MultiTaskGuard
-# alone on the source-held-out rows (docs/RESULTS.md §12-13), and it costs 20-30 minutes; SKIP_MERGE=0 runs it.
+# Time on this 2-core machine (docs/RESULTS.md §15, measured end to end): 47 min wall. The MultiTaskGuard stops at
+# its 45-minute budget, calibration included (43.4 min, 647 steps); the int8 export and its parity gate take ~1 min
+# (a second rung, if the first fails the gate, another ~1 min; a checkpoint that fails both stops the build and
+# nothing is written to MODEL_DIR); the evaluations and the model card ~3 min. The merge stage is off by default: no
+# merge of TaskGuards or of seeds beat the MultiTaskGuard alone on the source-held-out rows (docs/RESULTS.md §12-13),
+# and it costs 20-30 minutes; SKIP_MERGE=0 runs it.
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs}
