@@ -155,7 +155,7 @@ def quantize(src: Path, dst: Path, isa: Isa, per_channel: bool = True, rung: int
     return info
 
 
-def store_fp32_weights_as_fp16(path: Path, min_elements: int = 4096) -> str:
+def store_fp32_weights_as_fp16(path: Path, min_elements: int = 1024) -> str:
     """Store the weight matrices of the MatMuls left in fp32 as float16, each behind a ``Cast`` to float32.
 
     ONNX Runtime folds the casts at session start (constant folding), so the session computes in fp32 exactly as

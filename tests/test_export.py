@@ -509,7 +509,7 @@ def test_fp32_weights_are_stored_as_fp16_and_folded_at_load(tmp_path: Path) -> N
     x = rng.normal(size=(3, 64)).astype(np.float32)
     before, size = ort.InferenceSession(str(path)).run(None, {"x": x})[0], path.stat().st_size
 
-    assert store_fp32_weights_as_fp16(path, min_elements=4096).startswith("float16 (1 MatMul")
+    assert store_fp32_weights_as_fp16(path).startswith("float16 (1 MatMul")
     stored = onnx.load(str(path))
     dtypes = {t.name: t.data_type for t in stored.graph.initializer}
     assert dtypes == {"w_fp16": TensorProto.FLOAT16, "small": TensorProto.FLOAT}
