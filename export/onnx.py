@@ -487,37 +487,49 @@ def plan_export(
     )
 
 
-def build_graph(plan: ExportPlan, staging: Path, rung: int = 0) -> GraphBuild:
+def _export_and_optimize(plan: ExportPlan, work: Path, optimized: Path) -> tuple[Path, dict[str, Any]]:
+    """The raw ONNX export of the checkpoint into ``work`` and its optimised graph at ``optimized``."""
+    checkpoint, layout = plan.checkpoint, plan.kv_layout
+    info: dict[str, Any] = {}
+    if layout is not None:
+        log.info("exporting %s (prefix mode) with torch.onnx.export", checkpoint)
+        raw = export_prefix_raw(checkpoint, work / "raw", layout)
+        info["exporter"] = "torch.onnx.export(training.prefix.PrefixGraph)"
+        info["dynamic_axes"] = {"batch": 0, "query": 1, "policies": "bank axis 0", "policy_len": "bank axis 2"}
+    else:
+        log.info("exporting %s with optimum", checkpoint)
+        raw = export_raw(checkpoint, work / "raw")
+        info["exporter"] = "optimum.exporters.onnx.main_export(task='text-classification')"
+        info["dynamic_axes"] = {"batch": 0, "sequence": 1}
+    log.info("optimising the graph for %s", plan.target)
+    gpu = plan.target == "cuda-fp16"
+    info["optimization"] = optimize(raw, optimized, checkpoint, gpu=gpu, prefix=layout is not None)
+    return raw, info
+
+
+def build_graph(
+    plan: ExportPlan, staging: Path, work: Path, rung: int = 0, optimized: dict[str, Any] | None = None
+) -> GraphBuild:
     """Export, optimise and (per target) quantise or convert the graph into ``staging``; structural checks.
-    ``rung``: cpu-int8's rung of ``FP32_RUNGS``."""
-    target, checkpoint = plan.target, plan.checkpoint
-    layout = plan.kv_layout
-    with tempfile.TemporaryDirectory(prefix="uniguard-export-") as tmp:
-        work = Path(tmp)
-        info: dict[str, Any] = {"target": target, "mode": plan.meta.encoding.mode, "versions": _versions()}
-        if layout is not None:
-            log.info("exporting %s (prefix mode) with torch.onnx.export", checkpoint)
-            raw = export_prefix_raw(checkpoint, work / "raw", layout)
-            info["exporter"] = "torch.onnx.export(training.prefix.PrefixGraph)"
-            info["dynamic_axes"] = {"batch": 0, "query": 1, "policies": "bank axis 0", "policy_len": "bank axis 2"}
-        else:
-            log.info("exporting %s with optimum", checkpoint)
-            raw = export_raw(checkpoint, work / "raw")
-            info["exporter"] = "optimum.exporters.onnx.main_export(task='text-classification')"
-            info["dynamic_axes"] = {"batch": 0, "sequence": 1}
-        model_path = staging / MODEL_FILE
-        log.info("optimising the graph for %s", target)
-        if target == "cpu-int8":
-            optimized = work / "optimized.onnx"
-            info["optimization"] = optimize(raw, optimized, checkpoint, gpu=False, prefix=layout is not None)
-            chosen = plan.isa or detect_isa()
-            log.info("quantising to int8 for %s", chosen)
-            info["quantization"] = quantize(optimized, model_path, chosen, rung=rung)
-        else:
-            gpu = target == "cuda-fp16"
-            info["optimization"] = optimize(raw, model_path, checkpoint, gpu=gpu, prefix=layout is not None)
-        shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
-        info["structure"] = struct = structure(model_path, raw)
+    ``work``: a scratch folder. cpu-int8: ``rung`` of ``FP32_RUNGS``; ``optimized`` keeps the optimised graph
+    (in ``work``) across calls, so the next rung only quantises again."""
+    target, layout = plan.target, plan.kv_layout
+    info: dict[str, Any] = {"target": target, "mode": plan.meta.encoding.mode, "versions": _versions()}
+    model_path = staging / MODEL_FILE
+    if target == "cpu-int8":
+        done = optimized if optimized is not None else {}
+        if not done:
+            done["raw"], done["info"] = _export_and_optimize(plan, work, work / "optimized.onnx")
+        raw = done["raw"]
+        info.update(done["info"])
+        chosen = plan.isa or detect_isa()
+        log.info("quantising to int8 for %s", chosen)
+        info["quantization"] = quantize(work / "optimized.onnx", model_path, chosen, rung=rung)
+    else:
+        raw, done = _export_and_optimize(plan, work, model_path)
+        info.update(done)
+    shutil.copyfile(plan.checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+    info["structure"] = struct = structure(model_path, raw)
     if target == "cuda-fp16" and struct["fp16_share"] < MIN_FP16_SHARE:
         raise ExportError(f"{model_path}: only {struct['fp16_share']:.0%} of the float weights are fp16")
     if set(struct["output_types"]) != {"FLOAT"}:
@@ -615,26 +627,32 @@ def build_and_gate(plan: ExportPlan, staging: Path) -> tuple[GraphBuild, Evaluat
     rungs = len(FP32_RUNGS) if plan.target == "cpu-int8" else 1
     failed: list[dict[str, Any]] = []
     torch_cache: dict[str, list[float]] = {}  # the checkpoint is scored once, whatever the rung
-    for rung in range(rungs):
-        build = build_graph(plan, staging, rung)
-        if failed:
-            build.export["quantization"]["failed_rungs"] = failed
-        stage_manifest(plan, build, staging, None)
-        try:
-            return build, gate_and_measure(plan, staging, torch_cache)
-        except ParityError as exc:
-            if rung + 1 == rungs:
-                raise
-            name = FP32_RUNGS[rung][0]
-            failed.append(
-                {"fp32_rung": name, "agreement": exc.report.agreement, "f1_delta_points": exc.report.f1_delta_points}
-            )
-            log.warning(
-                "int8 with %s in fp32 failed the parity gate (%.2f%% agreement); retrying with %s in fp32",
-                name,
-                100 * exc.report.agreement,
-                FP32_RUNGS[rung + 1][0],
-            )
+    optimized: dict[str, Any] = {}  # and the graph exported and optimised once: rungs differ in quantisation only
+    with tempfile.TemporaryDirectory(prefix="uniguard-export-") as tmp:
+        for rung in range(rungs):
+            build = build_graph(plan, staging, Path(tmp), rung, optimized)
+            if failed:
+                build.export["quantization"]["failed_rungs"] = failed
+            stage_manifest(plan, build, staging, None)
+            try:
+                return build, gate_and_measure(plan, staging, torch_cache)
+            except ParityError as exc:
+                if rung + 1 == rungs:
+                    raise
+                name = FP32_RUNGS[rung][0]
+                failed.append(
+                    {
+                        "fp32_rung": name,
+                        "agreement": exc.report.agreement,
+                        "f1_delta_points": exc.report.f1_delta_points,
+                    }
+                )
+                log.warning(
+                    "int8 with %s in fp32 failed the parity gate (%.2f%% agreement); retrying with %s in fp32",
+                    name,
+                    100 * exc.report.agreement,
+                    FP32_RUNGS[rung + 1][0],
+                )
     raise AssertionError("unreachable: the last rung returns or raises")
 
 
