@@ -447,3 +447,20 @@ def test_eval_set_can_leave_out_every_source_a_model_trained_on(corpus: Corpus, 
     sources = Counter(json.loads(line)["source"] for line in kept.rows_file.read_text().splitlines())
     assert not excluded & set(sources)
     assert sources and kept.rows == sum(1 for e in corpus.examples if e.source not in excluded) < everything.rows
+
+
+def test_no_test_row_in_seed_data(tmp_path: Path) -> None:
+    """The hand-written test sets (held-out, first-contact probes, fresh) share no text with the seed training data,
+    and the training loader reads none of them: a row copied into a seed file would be trained on and then scored
+    as unseen."""
+    from training.data import PROJECT_DATA_DIR, SEED_DIR, load_all, load_rows, normalise
+
+    seed = {normalise(r.text) for r in load_rows([SEED_DIR])}
+    assert len(seed) > 5000
+    for name in ("heldout", "probes", "fresh"):
+        rows = load_rows([PROJECT_DATA_DIR / name])
+        assert rows, name
+        leaked = sorted(r.text for r in rows if normalise(r.text) in seed)
+        assert not leaked, f"{name}: {leaked[:5]}"
+    # the loader, given an empty shared-data folder, yields seed rows only
+    assert {r.source for r in load_all(tmp_path)} == {"uniguard_seed"}
