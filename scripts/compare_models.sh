@@ -3,7 +3,8 @@
 #   - source-held-out test of the default policies, as is (sources held out of the *candidate's* training), and
 #     restricted to the sources none of the compared models trained on (`--exclude-sources-of`), where a policy
 #     left without unsafe rows takes its F1 from the hand-written held-out set;
-#   - the hand-written held-out set (16 policies, never trained by any model);
+#   - the hand-written held-out set (16 policies, never trained by any model) and the fresh hand-written set
+#     (prompt_injection and content_safety, written blind after the seed batch 4 families were chosen: §17);
 #   - first-contact probes and moderation-style sets judged as /classify's `flagged`;
 #   - zero-shot policies (scope and topic policies no model trained on).
 # Usage: scripts/compare_models.sh SHARED_DATA OUT MODEL [MODEL ...]   (one JSON per set and model under OUT/)
@@ -39,6 +40,7 @@ for model in "${MODELS[@]}"; do
   done
   "$BIN/uniguard" eval --model "$model" --data training/data/heldout --split all \
     --policies training/data/policies training/data/heldout/policies --json "$dir/heldout.json"
+  "$BIN/uniguard" eval --model "$model" --data training/data/fresh --split all --json "$dir/fresh.json"
   "$BIN/uniguard" eval --model "$model" --data training/data/probes --flagged "${DEFAULTS[@]}" \
     --json "$dir/probes.json"
   "$BIN/uniguard" eval --model "$model" --data "$DATA/toxicity" "$DATA/content_safety" "$DATA/benign" \
