@@ -2,8 +2,9 @@
 # `make model`: rebuild the shipped default model end to end with the project's own commands:
 #   train (MultiTaskGuard + TaskGuards) -> merge (bandit search) -> export cpu-int8 -> evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
-# Time on this 2-core machine (docs/RESULTS.md §15, measured end to end): 47 min wall. The MultiTaskGuard stops at
-# its 45-minute budget, calibration included (43.4 min, 647 steps); the int8 export and its parity gate take ~1 min
+# Time on this 2-core machine (docs/RESULTS.md §15 and §17, measured end to end): 46-47 min wall. The MultiTaskGuard
+# stops at its 45-minute budget, calibration included (43.4 min and 647 steps on an AVX2 host; ~1,000 steps on an
+# AVX-512 VNNI one); the int8 export and its parity gate take ~1 min
 # (a second rung, if the first fails the gate, another ~1 min; a checkpoint that fails both stops the build and
 # nothing is written to MODEL_DIR); the evaluations and the model card ~3 min. The merge stage is off by default: no
 # merge of TaskGuards or of seeds beat the MultiTaskGuard alone on the source-held-out rows (docs/RESULTS.md §12-13),
