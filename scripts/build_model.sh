@@ -31,6 +31,8 @@ MODE=${MODE:-prefix}                  # attention mode of every model trained: p
 # Empty by default: the one such fit measured did not beat the recipe without it (docs/RESULTS.md §15).
 TRAIN_HELDOUT=${TRAIN_HELDOUT:-}
 EVAL_EVERY=${EVAL_EVERY:-200}         # steps between early-stopping evaluations (each ~1 min of the budget)
+SEED=${SEED:-0}                       # initialisation, sampling and batch order (never the data split); two seeds
+                                      # of one recipe differed by 4.7 points (docs/RESULTS.md §17)
 
 [ -d "$DATA" ] || { echo "build_model: $DATA is not a folder (pass the shared data folder)" >&2; exit 2; }
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
@@ -40,7 +42,8 @@ mkdir -p "$RUNS"
 if [ "$SKIP_TRAIN" != 1 ]; then
   echo "== 1/5 MultiTaskGuard ($MT_MINUTES min budget)"
   "$BIN/uniguard" train multitask --data "$DATA" --out "$RUNS/multitask" --epochs "$MT_EPOCHS" \
-    --max-minutes "$MT_MINUTES" --mode "$MODE" --eval-every "$EVAL_EVERY" ${TRAIN_HELDOUT:+--train-heldout $TRAIN_HELDOUT}
+    --max-minutes "$MT_MINUTES" --mode "$MODE" --eval-every "$EVAL_EVERY" --seed "$SEED" \
+    ${TRAIN_HELDOUT:+--train-heldout $TRAIN_HELDOUT}
 fi
 candidates=("$RUNS/multitask")
 [ "$SKIP_MERGE" = 1 ] && TG_POLICIES=""   # TaskGuards only feed the merge search
