@@ -27,10 +27,13 @@ from training.corpus import (
 )
 from training.data import (
     HELDOUT_SOURCES,
+    PROJECT_DATA_DIR,
+    SEED_DIR,
     DataError,
     Row,
     cap_per_stratum,
     clean_rows,
+    load_all,
     load_rows,
     noise_reason,
     normalise,
@@ -453,8 +456,6 @@ def test_no_test_row_in_seed_data(tmp_path: Path) -> None:
     """The hand-written test sets (held-out, first-contact probes, fresh) share no text with the seed training data,
     and the training loader reads none of them: a row copied into a seed file would be trained on and then scored
     as unseen."""
-    from training.data import PROJECT_DATA_DIR, SEED_DIR, load_all, load_rows, normalise
-
     seed = {normalise(r.text) for r in load_rows([SEED_DIR])}
     assert len(seed) > 5000
     for name in ("heldout", "probes", "fresh"):
