@@ -8,6 +8,8 @@
 #   - first-contact probes and moderation-style sets judged as /classify's `flagged`;
 #   - zero-shot policies (scope and topic policies no model trained on).
 # Usage: scripts/compare_models.sh SHARED_DATA OUT MODEL [MODEL ...]   (one JSON per set and model under OUT/)
+#        REUSE_SETS=1 scripts/compare_models.sh SHARED_DATA OUT MODEL ...   (score more models on OUT/sets; list the
+#        first run's models so "sources neither trained on" covers the new ones too)
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 SHARED_DATA OUT MODEL [MODEL ...]" >&2; exit 2; }
 DATA=$1
@@ -20,14 +22,19 @@ BIN=${BIN:-.venv/bin}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
-echo "== evaluation sets"
-"$BIN/uniguard" data evalset --split sho_test --data "$DATA" --policies "${DEFAULTS[@]}" --out "$OUT/sets/sho-test"
-"$BIN/uniguard" data evalset --split sho_test --data "$DATA" --policies "${DEFAULTS[@]}" \
-  --exclude-sources-of "${MODELS[@]}" --out "$OUT/sets/sho-test-unseen"
-"$BIN/uniguard" data evalset --split val test --data "$DATA" --policies "${ZERO_SHOT[@]}" --cap 40 \
-  --out "$OUT/sets/zero-shot"
+if [ "${REUSE_SETS:-0}" = 1 ] && [ -d "$OUT/sets" ]; then
+  # Score more models on the sets an earlier run built (their "unseen" sources are that run's models').
+  echo "== evaluation sets: reusing $OUT/sets"
+else
+  echo "== evaluation sets"
+  "$BIN/uniguard" data evalset --split sho_test --data "$DATA" --policies "${DEFAULTS[@]}" --out "$OUT/sets/sho-test"
+  "$BIN/uniguard" data evalset --split sho_test --data "$DATA" --policies "${DEFAULTS[@]}" \
+    --exclude-sources-of "${MODELS[@]}" --out "$OUT/sets/sho-test-unseen"
+  "$BIN/uniguard" data evalset --split val test --data "$DATA" --policies "${ZERO_SHOT[@]}" --cap 40 \
+    --out "$OUT/sets/zero-shot"
+fi
 
-i=0
+i=$(find "$OUT" -mindepth 1 -maxdepth 1 -name '[0-9]*-*' | wc -l)  # number the new models after earlier ones
 for model in "${MODELS[@]}"; do
   i=$((i + 1))
   dir="$OUT/$i-$(basename "$model")"

@@ -386,6 +386,29 @@ def test_sampling_down_weights_casual_profanity() -> None:
     assert group_weight(offensive.group) < group_weight(hate.group) < group_weight("cross")
 
 
+def test_sampling_gives_code_pasting_everyday_prompts_more_weight_under_prompt_injection_only() -> None:
+    """Arena-Hard's everyday prompts (code, logs, system-prompt-like tasks) are drawn 4x under prompt_injection, the
+    policy whose false-positive floor they set; other policies draw them like any everyday source."""
+    import random
+
+    from training.corpus import Example, sample_epoch
+
+    def rows(policy: str) -> list[Example]:
+        out = []
+        for source in ("arena_hard", "clinc150"):
+            out += [Example(policy, f"{policy} {source} {i}", 0, source, "benign", "train") for i in range(400)]
+        return out + [Example(policy, f"{policy} attack {i}", 1, "deepset", "native", "train") for i in range(400)]
+
+    drawn = sample_epoch(rows("prompt_injection") + rows("toxicity"), 1000, random.Random(0))
+
+    def share(policy: str) -> float:
+        safe = [e for e in drawn if e.policy == policy and e.label == 0]
+        return sum(e.source == "arena_hard" for e in safe) / len(safe)
+
+    assert share("prompt_injection") == pytest.approx(0.8, abs=0.02)
+    assert share("toxicity") == pytest.approx(0.5, abs=0.02)
+
+
 def test_summary_false_positive_rates_read_only_the_safe_rows_of_benign_sources() -> None:
     """`uniguard data summary`: FPR on trigger-word benign sources is 1 - accuracy on their *safe* rows (jackhhao
     also holds a few jailbreaks, whose misses are not false positives)."""
@@ -426,6 +449,13 @@ def test_false_positive_floors_read_benign_rows_never_trained_on(corpus: Corpus)
     assert all(e.label == 0 and e.policy == "toxicity" and e.split != "train" for e in rows)
     sets = evaluation_sets(TrainConfig(), corpus)
     assert sets.floor and {e.split for e in sets.floor} <= {"val", "sho_val"}
+    # the seed prompts that share the default policies' calibration: in-source val rows, never a training row
+    from training.corpus import DEFAULT_POLICIES, SEED_SOURCE
+
+    seed_cal = sets.seed_calibration
+    assert seed_cal and {e.split for e in seed_cal} == {"val"} and {e.source for e in seed_cal} == {SEED_SOURCE}
+    assert {e.policy for e in seed_cal} <= set(DEFAULT_POLICIES)
+    assert not {(e.policy, e.text) for e in seed_cal} & {(e.policy, e.text) for e in sets.train}
 
 
 def test_eval_set_can_leave_out_every_source_a_model_trained_on(corpus: Corpus, tmp_path: Path) -> None:

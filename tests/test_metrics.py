@@ -124,3 +124,20 @@ def test_calibration_is_the_best_candidate_by_brute_force(seed: int) -> None:
         kwargs = {"target_fpr": 0.2} if name == "fpr" else {"objective": name}
         assert calibrate_threshold(scores, labels, **kwargs) == pytest.approx(best), name
         assert f1_at(scores, labels, best) == pytest.approx(binary_metrics(scores, labels, best).f1)
+
+
+def test_mean_f1_calibration_weighs_each_validation_set_equally() -> None:
+    """Two validation sets on different score scales: the threshold that maximises the mean of their F1s, not the
+    F1 of the larger one; one set alone gives that set's own best-F1 threshold; bounds hold."""
+    from training.metrics import calibrate_threshold_mean
+
+    # a large set separated at 0.8 and a small one separated at 0.4
+    big = (np.array([0.9] * 40 + [0.7] * 40), np.array([1] * 40 + [0] * 40))
+    small = (np.array([0.5] * 5 + [0.3] * 5), np.array([1] * 5 + [0] * 5))
+    pooled = calibrate_threshold(np.concatenate([big[0], small[0]]), np.concatenate([big[1], small[1]]))
+    assert pooled == pytest.approx(0.8)  # pooling lets the big set decide: the small set's unsafe rows are missed
+    mean = calibrate_threshold_mean([big, small])
+    assert mean == pytest.approx(0.4)  # at 0.4: big F1 2*40/(80+40) = 0.667, small 1.0 -> mean 0.833 > 0.5 at 0.8
+    assert calibrate_threshold_mean([big]) == pytest.approx(calibrate_threshold(*big))
+    assert calibrate_threshold_mean([big, small], bounds=(0.6, 0.95)) == pytest.approx(0.8)
+    assert calibrate_threshold_mean([(np.array([0.2, 0.3]), np.array([0, 0]))]) == 0.5  # one label only: default

@@ -284,6 +284,12 @@ GROUP_WEIGHTS: dict[str, float] = {"davidson:offensive_language": 0.5}
 # at an equal share the 0.3.0 candidate drew only ~860 injection-unsafe examples in 900 steps: too few to rank plain
 # overrides above benign role-play (docs/RESULTS.md §12), so it gets twice a default policy's share.
 POLICY_WEIGHTS: dict[str, float] = {"prompt_injection": 2.0}
+# Sampling weight of a group under one policy (overrides ``group_weight``). Everyday prompts that paste code,
+# logs or system-prompt-like instructions (Arena-Hard) are the benign rows an injection detector scores highest:
+# the shipped 0.2.0 model flagged 64% of them, and the prefix candidates' injection thresholds were pinned at
+# their 0.95 bound by the everyday false-positive floor (docs/RESULTS.md §17-18). They count four times under
+# prompt_injection.
+POLICY_GROUP_WEIGHTS: dict[str, dict[str, float]] = {"prompt_injection": {"arena_hard": 4.0}}
 # Sources whose rows form their sampling group per category (so a category can be weighted).
 GROUP_BY_CATEGORY = frozenset({"davidson"})
 # (source, category) rows that are not unsafe under their native policy (the policy text does not cover them);
@@ -852,7 +858,9 @@ def build_corpus(
 # --- sampling -----------------------------------------------------------------------------------
 
 
-def group_weight(group: str) -> float:
+def group_weight(group: str, policy: str | None = None) -> float:
+    if policy is not None and group in POLICY_GROUP_WEIGHTS.get(policy, {}):
+        return POLICY_GROUP_WEIGHTS[policy][group]
     if group in GROUP_WEIGHTS:
         return GROUP_WEIGHTS[group]
     return 2.0 if group in HARD_NEGATIVE_SOURCES | {SEED_SOURCE, "cross"} else 1.0
@@ -871,7 +879,8 @@ def sample_epoch(
     The default policies share ``default_share`` of the budget, the others the rest, each policy in proportion
     to its weight (``policy_weights``, default 1); within a policy each label gets half, and within a label each
     group (source) a share by its weight (``group_weight``: hard-negative sources, the seed rows and the
-    cross-policy group 2, down-weighted groups less), so no source dominates. A stratum smaller than its share is
+    cross-policy group 2, down-weighted groups less, ``POLICY_GROUP_WEIGHTS`` under one policy), so no source
+    dominates. A stratum smaller than its share is
     repeated at most twice; what it cannot fill goes to the other strata.
     """
     by_policy: dict[str, dict[int, dict[str, list[Example]]]] = defaultdict(lambda: defaultdict(dict))
@@ -894,14 +903,14 @@ def sample_epoch(
         labels = by_policy[name]
         for _label, strata in labels.items():
             want = round(shares[name] / len(labels))
-            out.extend(_fill(strata, want, rng))
+            out.extend(_fill(strata, want, rng, name))
     rng.shuffle(out)
     return out
 
 
-def _fill(strata: dict[str, list[Example]], want: int, rng: random.Random) -> list[Example]:
+def _fill(strata: dict[str, list[Example]], want: int, rng: random.Random, policy: str) -> list[Example]:
     pools = {s: rng.sample(v, len(v)) for s, v in sorted(strata.items())}
-    weights = {s: group_weight(s) for s in pools}
+    weights = {s: group_weight(s, policy) for s in pools}
     quota = {s: 0 for s in pools}
     remaining = want
     open_ = {s for s in pools}

@@ -90,6 +90,13 @@ def f1_at(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarr
     return float(_f1(np.asarray(tp, dtype=np.float64), np.asarray(fp, dtype=np.float64), np.asarray(fn)))
 
 
+def _candidates(scores: np.ndarray, default: float, bounds: tuple[float, float]) -> np.ndarray:
+    """Threshold candidates: ``default`` and the midpoints between distinct scores, clipped to ``bounds``."""
+    uniq = np.unique(scores)
+    cands = np.concatenate([[default], (uniq[:-1] + uniq[1:]) / 2.0]) if uniq.size > 1 else np.array([default])
+    return np.unique(np.clip(cands, *bounds))
+
+
 def calibrate_threshold(
     scores: Sequence[float] | np.ndarray,
     labels: Sequence[int] | np.ndarray,
@@ -114,9 +121,7 @@ def calibrate_threshold(
     s, y = _as_arrays(scores, labels)
     if y.size == 0 or y.min() == y.max():
         return default
-    uniq = np.unique(s)
-    cands = np.concatenate([[default], (uniq[:-1] + uniq[1:]) / 2.0]) if uniq.size > 1 else np.array([default])
-    cands = np.unique(np.clip(cands, *bounds))
+    cands = _candidates(s, default, bounds)
     pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
     tp = (pos.size - np.searchsorted(pos, cands, side="left")).astype(np.float64)
     fp = (neg.size - np.searchsorted(neg, cands, side="left")).astype(np.float64)
@@ -139,6 +144,27 @@ def calibrate_threshold(
     order = np.lexsort((cands, *(-np.round(k, 12) for k in reversed(keys))))
     best = next(int(i) for i in order if ok[i])
     return float(cands[best])
+
+
+def calibrate_threshold_mean(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], default: float = 0.5, bounds: tuple[float, float] = (0.05, 0.95)
+) -> float:
+    """The threshold with the best *mean* F1 over several validation sets (each ``(scores, labels)``, each with
+    both labels), so that no one distribution's score scale decides alone. Candidates, bounds and ties as in
+    ``calibrate_threshold``."""
+    parts = [_as_arrays(s, y) for s, y in parts]
+    parts = [(s, y) for s, y in parts if y.size and y.min() != y.max()]
+    if not parts:
+        return default
+    cands = _candidates(np.concatenate([s for s, _ in parts]), default, bounds)
+    total = np.zeros_like(cands)
+    for s, y in parts:
+        pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+        tp = (pos.size - np.searchsorted(pos, cands, side="left")).astype(np.float64)
+        fp = (neg.size - np.searchsorted(neg, cands, side="left")).astype(np.float64)
+        total += _f1(tp, fp, pos.size - tp)
+    order = np.lexsort((cands, -np.abs(cands - default), -np.round(total / len(parts), 12)))
+    return float(cands[int(order[0])])
 
 
 def macro(values: Sequence[float]) -> float:

@@ -29,6 +29,7 @@ from scoring.core import pad_windows, policy_rows
 from training.corpus import (
     DEFAULT_HOLDOUT,
     DEFAULT_POLICIES,
+    SEED_SOURCE,
     Corpus,
     Example,
     build_corpus,
@@ -41,7 +42,7 @@ from training.corpus import (
 from training.data import HELDOUT_SOURCES, DataError, load_all
 from training.encoders import portable_name
 from training.meta import CheckpointMeta
-from training.metrics import BinaryMetrics, binary_metrics, calibrate_threshold, macro
+from training.metrics import BinaryMetrics, binary_metrics, calibrate_threshold, calibrate_threshold_mean, macro
 from training.predict import torch_scorer
 
 log = logging.getLogger("uniguard.train")
@@ -97,6 +98,13 @@ class TrainConfig(BaseModel):
     sho_val_cap: int = 60
     sho_max_per_policy: tuple[int, int] = (300, 48)
     sho_min_rows: int = 30
+    # A default policy calibrated on its source-held-out rows takes the threshold with the best mean F1 over those
+    # rows and its in-source validation rows of the project's own seed prompts (never trained on; written from the
+    # policy texts, as users write prompts), when these hold seed_val_min_rows of each label: public held-out
+    # sources alone put the threshold on their own score scale, which did not carry over to hand-written prompts
+    # (docs/RESULTS.md §18). False: the source-held-out rows alone (the rule before §18).
+    calibrate_with_seed_val: bool = True
+    seed_val_min_rows: int = 10
     # A final fit: held-out sources this run trains on (their rows take the in-source train/val/test split), once
     # the recipe has been chosen with them held out. The sources left held out still select and calibrate.
     train_heldout: list[str] = Field(default_factory=list)
@@ -375,6 +383,7 @@ class EvalSets:
     sho_early_stop: list[Example] = field(default_factory=list)  # source-held-out (sho_val) rows
     sho_calibration: list[Example] = field(default_factory=list)
     floor: list[Example] = field(default_factory=list)  # benign val/sho_val rows of the default policies (floors)
+    seed_calibration: list[Example] = field(default_factory=list)  # the default policies' seed rows of the val split
 
 
 def _capped(
@@ -403,6 +412,7 @@ def evaluation_sets(cfg: TrainConfig, corpus: Corpus) -> EvalSets:
         sho_early_stop=_capped(sho_all, defaults, cfg.sho_es_cap, cfg.seed, cfg.sho_max_per_policy),
         sho_calibration=_capped(sho_all, defaults, cfg.sho_val_cap, cfg.seed, cfg.sho_max_per_policy),
         floor=floor_rows(val_all + sho_all, defaults, cfg.floor_max_per_policy, cfg.seed),
+        seed_calibration=[e for e in val_all if e.policy in defaults and e.source == SEED_SOURCE],
     )
 
 
@@ -696,16 +706,19 @@ def calibrate(
     cfg: TrainConfig, model: Any, encoder: InstructionEncoder, sets: EvalSets, policy_texts: dict[str, str]
 ) -> Calibration:
     """Per-policy thresholds: best F1 on the source-held-out validation rows when they hold ``sho_min_rows`` of each
-    label, else on the in-source validation rows; never below the floor that keeps the false-positive rate on
-    everyday benign prompts within ``max_fpr_everyday`` and on held-out trigger-word prompts within
-    ``max_fpr_trigger``. ``default_threshold`` on the non-default policies' in-source rows pooled (custom and unseen
-    policies get it); zero-shot metrics of the held-out policies at it."""
+    label (best mean F1 over those and the policy's seed val rows when ``calibrate_with_seed_val`` and these hold
+    ``seed_val_min_rows`` of each label), else on the in-source validation rows; never below the floor that keeps the
+    false-positive rate on everyday benign prompts within ``max_fpr_everyday`` and on held-out trigger-word prompts
+    within ``max_fpr_trigger``. ``default_threshold`` on the non-default policies' in-source rows pooled (custom and
+    unseen policies get it); zero-shot metrics of the held-out policies at it."""
     val, sho = sets.calibration, sets.sho_calibration
     seen = {(e.policy, e.text) for e in val + sho}
     extra = [e for e in sets.floor if (e.policy, e.text) not in seen]
+    seen |= {(e.policy, e.text) for e in extra}
+    extra += [e for e in sets.seed_calibration if (e.policy, e.text) not in seen]
     log.info(
-        "calibrating thresholds on %d in-source and %d source-held-out validation pairs (+%d benign pairs for the "
-        "false-positive floors)",
+        "calibrating thresholds on %d in-source and %d source-held-out validation pairs (+%d pairs more: benign "
+        "rows for the false-positive floors and the default policies' seed val rows)",
         len(val),
         len(sho),
         len(extra),
@@ -713,6 +726,8 @@ def calibrate(
     scores = score_examples(model, encoder, val + sho + extra, policy_texts)
     val_scores, sho_scores = scores[: len(val)], scores[len(val) : len(val) + len(sho)]
     benign = [(e, sc) for e, sc in zip(val + sho + extra, scores, strict=True) if e.label == 0]
+    seed_keys = {(e.policy, e.text) for e in sets.seed_calibration}
+    scored_seed = [(e, sc) for e, sc in zip(val + sho + extra, scores, strict=True) if (e.policy, e.text) in seed_keys]
     everyday = [(e, sc) for e, sc in benign if _everyday(e)]
     trigger = [(e, sc) for e, sc in benign if _trigger_word(e)]
     thresholds: dict[str, float] = {}
@@ -730,10 +745,18 @@ def calibrate(
         )
         y = np.array([r[0] for r in rows])
         s = np.array([r[1] for r in rows])
-        thresholds[policy] = calibrate_threshold(s, y, bounds=(max(0.05, min(floor, 0.95)), 0.95))
-        calibrated_on[policy] = ("source-held-out val" if use_sho else "in-source val") + (
-            f", floor {floor:.3f}" if floor > 0.05 else ""
-        )
+        bounds = (max(0.05, min(floor, 0.95)), 0.95)
+        seed = [(e.label, sc) for e, sc in scored_seed if e.policy == policy]
+        seed_labels = [lab for lab, _ in seed]
+        enough_seed = min(seed_labels.count(0), seed_labels.count(1)) >= cfg.seed_val_min_rows
+        if use_sho and cfg.calibrate_with_seed_val and enough_seed:
+            seed_part = (np.array([sc for _, sc in seed]), np.array(seed_labels))
+            thresholds[policy] = calibrate_threshold_mean([(s, y), seed_part], bounds=bounds)
+            where = f"source-held-out val + {len(seed)} seed val rows (mean F1)"
+        else:
+            thresholds[policy] = calibrate_threshold(s, y, bounds=bounds)
+            where = "source-held-out val" if use_sho else "in-source val"
+        calibrated_on[policy] = where + (f", floor {floor:.3f}" if floor > 0.05 else "")
     val_metrics = per_policy_metrics(val, val_scores, thresholds=thresholds)
     sho_metrics = per_policy_metrics(sho, sho_scores, thresholds=thresholds) if sho else {}
     pooled = [i for i, e in enumerate(val) if e.policy not in sets.defaults] or list(range(len(val)))
