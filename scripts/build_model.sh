@@ -51,7 +51,7 @@ mkdir -p "$RUNS"
 seed_runs=()
 for seed in $SEEDS; do seed_runs+=("$RUNS/multitask-s$seed"); done
 if [ "$SKIP_TRAIN" != 1 ]; then
-  echo "== 1/5 MultiTaskGuard, seeds $SEEDS ($MT_MINUTES min budget, $MT_THREADS thread(s) each, in parallel)"
+  echo "== 1/5 MultiTaskGuard, seed(s) $SEEDS ($MT_MINUTES min budget, $MT_THREADS thread(s) each$([ "$nseeds" -gt 1 ] && echo ", in parallel"))"
   pids=()
   for seed in $SEEDS; do
     log="$RUNS/multitask-s$seed.log"
