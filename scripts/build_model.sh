@@ -76,9 +76,7 @@ done
 model="${seed_runs[0]}"
 if [ "$SKIP_MERGE" = 1 ] && [ "$nseeds" -gt 1 ]; then
   echo "== 3/5 soup of the seeds (linear, equal weights), thresholds recalibrated"
-  weights=(); for _ in $SEEDS; do weights+=("$("$BIN/python" -c "print(1/$nseeds)")"); done
-  "$BIN/uniguard" merge apply --candidates "${seed_runs[@]}" --method linear --weights "${weights[@]}" \
-    --out "$RUNS/soup"
+  "$BIN/uniguard" merge apply --candidates "${seed_runs[@]}" --method linear --out "$RUNS/soup"  # equal weights
   "$BIN/uniguard" train calibrate --model "$RUNS/soup" --recipe-from "${seed_runs[0]}" --data "$DATA"
   model="$RUNS/soup"
 fi

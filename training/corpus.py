@@ -880,8 +880,8 @@ def sample_epoch(
     to its weight (``policy_weights``, default 1); within a policy each label gets half, and within a label each
     group (source) a share by its weight (``group_weight``: hard-negative sources, the seed rows and the
     cross-policy group 2, down-weighted groups less, ``POLICY_GROUP_WEIGHTS`` under one policy), so no source
-    dominates. A stratum smaller than its share is
-    repeated at most twice; what it cannot fill goes to the other strata.
+    dominates. A stratum smaller than its share is repeated at most twice; what it cannot fill goes to the other
+    strata.
     """
     by_policy: dict[str, dict[int, dict[str, list[Example]]]] = defaultdict(lambda: defaultdict(dict))
     for e in sorted(examples, key=lambda e: (e.policy, e.label, e.source, text_hash(e.text))):

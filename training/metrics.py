@@ -97,6 +97,15 @@ def _candidates(scores: np.ndarray, default: float, bounds: tuple[float, float])
     return np.unique(np.clip(cands, *bounds))
 
 
+def _counts_above(s: np.ndarray, y: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """True and false positives at each candidate threshold (``score >= t``), and the numbers of positives and
+    negatives."""
+    pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+    tp = (pos.size - np.searchsorted(pos, cands, side="left")).astype(np.float64)
+    fp = (neg.size - np.searchsorted(neg, cands, side="left")).astype(np.float64)
+    return tp, fp, pos.size, neg.size
+
+
 def calibrate_threshold(
     scores: Sequence[float] | np.ndarray,
     labels: Sequence[int] | np.ndarray,
@@ -122,17 +131,15 @@ def calibrate_threshold(
     if y.size == 0 or y.min() == y.max():
         return default
     cands = _candidates(s, default, bounds)
-    pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
-    tp = (pos.size - np.searchsorted(pos, cands, side="left")).astype(np.float64)
-    fp = (neg.size - np.searchsorted(neg, cands, side="left")).astype(np.float64)
-    fn, tn = pos.size - tp, neg.size - fp
+    tp, fp, n_pos, n_neg = _counts_above(s, y, cands)
+    fn, tn = n_pos - tp, n_neg - fp
     closeness = -np.abs(cands - default)
     if target_fpr is not None:
-        fpr = fp / neg.size
+        fpr = fp / n_neg
         ok = fpr <= target_fpr
         if not ok.any():
             return default
-        keys: tuple[np.ndarray, ...] = (tp / pos.size, -fpr, closeness)  # recall, then fewer FPs
+        keys: tuple[np.ndarray, ...] = (tp / n_pos, -fpr, closeness)  # recall, then fewer FPs
     elif objective == "balanced":
         ok = np.ones_like(cands, dtype=bool)
         keys = ((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2.0, closeness)
@@ -159,10 +166,8 @@ def calibrate_threshold_mean(
     cands = _candidates(np.concatenate([s for s, _ in parts]), default, bounds)
     total = np.zeros_like(cands)
     for s, y in parts:
-        pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
-        tp = (pos.size - np.searchsorted(pos, cands, side="left")).astype(np.float64)
-        fp = (neg.size - np.searchsorted(neg, cands, side="left")).astype(np.float64)
-        total += _f1(tp, fp, pos.size - tp)
+        tp, fp, n_pos, _ = _counts_above(s, y, cands)
+        total += _f1(tp, fp, n_pos - tp)
     order = np.lexsort((cands, -np.abs(cands - default), -np.round(total / len(parts), 12)))
     return float(cands[int(order[0])])
 
