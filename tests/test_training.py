@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,67 @@ def test_learning_rate_reaches_zero_when_the_time_budget_ends(
     trainer.train_window = (now, now + 1e6)  # time is no constraint: the step schedule rules
     trainer.scheduler.step()
     assert trainer.optimizer.param_groups[0]["lr"] > 0.5 * lr
+
+
+def test_hard_negative_mining_adds_the_highest_scoring_everyday_benign_training_rows(
+    tiny_checkpoint: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the second epoch on, the sample also holds, mine_copies times each, the mine_top everyday benign
+    training rows of each default policy that the model scores highest; never an unsafe, non-everyday, non-training
+    or non-default row, and nothing is mined in the first epoch or with mine_top 0."""
+    import dataclasses
+    import time
+
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    import training.train as tt
+    from policies.instruction import encoder_from_config
+    from training.corpus import Example
+
+    cfg = tiny_config(tiny_checkpoint, data_dir, tmp_path / "mine", mine_pool=6, mine_top=2, mine_copies=3)
+    corpus = tt.build_training_corpus(cfg)
+    sets = tt.evaluation_sets(cfg, corpus)
+    present = [p for p in sets.defaults if p in corpus.policies]  # the default policies the tiny data has
+    assert set(present) == {"prompt_injection", "content_safety"}
+    everyday = [Example(p, f"everyday {p} {i}", 0, "alpaca", "benign", "train") for p in present for i in range(8)]
+    decoys = [
+        Example("prompt_injection", "everyday unsafe 9", 1, "alpaca", "benign", "train"),
+        Example("prompt_injection", "everyday val 9", 0, "alpaca", "benign", "val"),
+        Example("prompt_injection", "hard negative 9", 0, "gandalf", "native", "train"),
+        Example("medical_advice", "everyday other 9", 0, "alpaca", "benign", "train"),
+    ]
+    sets = dataclasses.replace(sets, train=sets.train + everyday + decoys)
+    # a stand-in model: the score is the row number in the text (decoys score highest of all); the balanced
+    # sample is the original rows only, so any benign row in an epoch was mined
+    original = [e for e in sets.train if e not in everyday + decoys][:48]
+    monkeypatch.setattr(tt, "sample_epoch", lambda *a, **k: list(original))
+    monkeypatch.setattr(tt, "score_examples", lambda m, enc, ex, *a, **k: np.array([int(e.text[-1]) / 10 for e in ex]))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
+    encoder = encoder_from_config(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), cfg.encoding)
+    trainer = tt.Trainer(cfg, model, encoder, tiny_checkpoint / "tokenizer.json", corpus, sets, time.monotonic())
+
+    pool = tt.mining_pool(sets.train, sets.defaults, 6, trainer.rng)
+    assert len(pool) == 6 * len(present) and all(e in everyday for e in pool)
+    picks = tt.hardest(pool, np.array([int(e.text[-1]) / 10 for e in pool]), 2)
+    for policy in present:
+        mine = [e for e, _ in picks if e.policy == policy]
+        rest = [e for e in pool if e.policy == policy and e not in mine]
+        assert len(mine) == 2 and min(int(e.text[-1]) for e in mine) >= max(int(e.text[-1]) for e in rest)
+
+    def counts(batches: list[list[tuple[object, Example]]]) -> dict[Example, int]:
+        out: dict[Example, int] = {}
+        for batch in batches:
+            for _, e in batch:
+                out[e] = out.get(e, 0) + 1
+        return out
+
+    first = counts(trainer.epoch_batches(0))
+    assert not any(e in first for e in everyday + decoys)
+    second = counts(trainer.epoch_batches(1))
+    mined = {e: n for e, n in second.items() if e in everyday + decoys}
+    assert set(mined) <= set(everyday) and set(mined.values()) == {3}
+    assert sorted(Counter(e.policy for e in mined).values()) == [2] * len(present)
+    trainer.cfg = cfg.model_copy(update={"mine_top": 0})
+    assert not any(e in everyday for e in counts(trainer.epoch_batches(1)))

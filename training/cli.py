@@ -32,6 +32,12 @@ def _common(p: argparse.ArgumentParser, out: str, minutes: float, epochs: int) -
         "full: every token attends to every token (the 0.2.0 model's recipe)",
     )
     p.add_argument("--policies-per-batch", type=int, default=None, help="prefix mode: policy texts per batch")
+    p.add_argument(
+        "--mine-top",
+        type=int,
+        default=None,
+        help="hard negatives: everyday benign rows per default policy added to each epoch after the first (0: off)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -179,6 +185,7 @@ def run_train(args: argparse.Namespace) -> int:
         "mlm_weight",
         "adv_weight",
         "policies_per_batch",
+        "mine_top",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

@@ -117,6 +117,13 @@ class TrainConfig(BaseModel):
     # many per policy), not on the capped calibration rows alone: there a policy has a few dozen everyday rows, so
     # 2.5% is one prompt and a single high score pinned thresholds at their 0.95 bound (docs/RESULTS.md §13).
     floor_max_per_policy: int = 1200
+    # Hard negatives for those floors: from the second epoch on, each epoch scores mine_pool everyday benign
+    # training rows per default policy with the model as it stands and adds the mine_top highest-scoring ones,
+    # mine_copies times each, to the epoch's sample; the tail of the benign scores is what sets the floors
+    # (docs/RESULTS.md §17-19). mine_top 0 turns it off.
+    mine_pool: int = 400
+    mine_top: int = 40
+    mine_copies: int = 2
     eval_max_chars: int = 4000
     threads: int = 2
     bf16: bool = False  # bfloat16 autocast: oneDNN re-JITs kernels for every new shape on CPU (slow)
@@ -429,6 +436,29 @@ def floor_rows(examples: Sequence[Example], defaults: Sequence[str], per_policy:
     return out
 
 
+def mining_pool(
+    train: Sequence[Example], defaults: Sequence[str], per_policy: int, rng: random.Random
+) -> list[Example]:
+    """Up to ``per_policy`` everyday benign training rows (label safe) of each default policy, drawn at random:
+    the rows whose highest scores hard-negative mining looks for."""
+    out: list[Example] = []
+    for policy in defaults:
+        rows = [e for e in train if e.policy == policy and e.label == 0 and e.split == "train" and _everyday(e)]
+        out += rng.sample(rows, min(per_policy, len(rows)))
+    return out
+
+
+def hardest(pool: Sequence[Example], scores: np.ndarray, top: int) -> list[tuple[Example, float]]:
+    """The ``top`` highest-scoring rows of each policy in ``pool``, with their scores."""
+    out: list[tuple[Example, float]] = []
+    for policy in sorted({e.policy for e in pool}):
+        ranked = sorted(
+            ((e, float(s)) for e, s in zip(pool, scores, strict=True) if e.policy == policy), key=lambda t: -t[1]
+        )
+        out += ranked[:top]
+    return out
+
+
 class TrainRun(BaseModel):
     """What the loop did: evaluation history, the best step (whose weights were kept), why it stopped."""
 
@@ -565,12 +595,39 @@ class Trainer:
         return rows / rate + 30.0
 
     # -- batches ----------------------------------------------------------------------------------
-    def epoch_batches(self) -> list[list[tuple[Window, Example]]]:
-        """One epoch's sample as length-bucketed batches of (window, example); a policy text or a paraphrase."""
+    def hard_negatives(self) -> list[Example]:
+        """The everyday benign training rows the model now scores highest under each default policy (mining)."""
+        cfg = self.cfg
+        pool = mining_pool(self.sets.train, self.sets.defaults, cfg.mine_pool, self.rng)
+        if not pool or cfg.mine_top <= 0:
+            return []
+        scores = score_examples(self.model, self.encoder, pool, self.canonical, cfg.eval_max_chars)
+        picks = hardest(pool, scores, cfg.mine_top)
+        lowest: dict[str, float] = {}
+        for e, score in picks:
+            lowest[e.policy] = min(score, lowest.get(e.policy, 1.0))
+        log.info(
+            "hard negatives: %d everyday benign rows, %d times each (top %d of %d per default policy; lowest kept "
+            "score %s)",
+            len(picks),
+            cfg.mine_copies,
+            cfg.mine_top,
+            cfg.mine_pool,
+            ", ".join(f"{p} {v:.2f}" for p, v in sorted(lowest.items())),
+        )
+        mined = [e for e, _ in picks for _ in range(cfg.mine_copies)]
+        return mined
+
+    def epoch_batches(self, epoch: int = 0) -> list[list[tuple[Window, Example]]]:
+        """One epoch's sample as length-bucketed batches of (window, example); a policy text or a paraphrase.
+        From the second epoch on the sample also holds the mined hard negatives (``mine_top``)."""
         cfg, rng = self.cfg, self.rng
         sample = sample_epoch(
             self.sets.train, min(cfg.examples_per_epoch, len(self.sets.train)), rng, defaults=self.sets.defaults
         )
+        if epoch > 0 and cfg.mine_top > 0:
+            sample += self.hard_negatives()
+            rng.shuffle(sample)
         self.builder.prepare([e.text for e in sample])
         self.counts.update((e.source, e.license, e.policy) for e in sample)
 
@@ -659,7 +716,8 @@ class Trainer:
         self.train_window = (time.monotonic(), deadline - self.reserve_seconds())
         log.info("training: %d epochs x %d steps, batch %d", cfg.epochs, self.steps_per_epoch, cfg.batch_size)
         for epoch in range(cfg.epochs):
-            bar = tqdm(self.epoch_batches(), desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, dynamic_ncols=True)
+            batches = self.epoch_batches(epoch)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, dynamic_ncols=True)
             for batch in bar:
                 parts = self.step(step, batch)
                 step += 1
