@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -304,12 +303,13 @@ def test_learning_rate_reaches_zero_when_the_time_budget_ends(
     assert trainer.optimizer.param_groups[0]["lr"] > 0.5 * lr
 
 
-def test_hard_negative_mining_adds_the_highest_scoring_everyday_benign_training_rows(
+def test_hard_negative_mining_adds_the_highest_scoring_safe_training_rows_of_each_pool(
     tiny_checkpoint: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From the second epoch on, the sample also holds, mine_copies times each, the mine_top everyday benign
-    training rows of each default policy that the model scores highest; never an unsafe, non-everyday, non-training
-    or non-default row, and nothing is mined in the first epoch or with mine_top 0."""
+    """From the second epoch on, the sample also holds, mine_copies times each, the mine_top safe training rows of
+    each default policy that the model scores highest, from each pool: everyday benign prompts, and the policy's own
+    (native) hard negatives; never an unsafe, val, cross-policy, derived or non-default row, and nothing is mined in
+    the first epoch or with mine_top 0."""
     import dataclasses
     import time
 
@@ -321,35 +321,47 @@ def test_hard_negative_mining_adds_the_highest_scoring_everyday_benign_training_
     from policies.instruction import encoder_from_config
     from training.corpus import Example
 
-    cfg = tiny_config(tiny_checkpoint, data_dir, tmp_path / "mine", mine_pool=6, mine_top=2, mine_copies=3)
+    cfg = tiny_config(tiny_checkpoint, data_dir, tmp_path / "mine", mine_pool=100, mine_top=2, mine_copies=3)
+    assert cfg.mine_from == ("everyday", "hard")
     corpus = tt.build_training_corpus(cfg)
     sets = tt.evaluation_sets(cfg, corpus)
     present = [p for p in sets.defaults if p in corpus.policies]  # the default policies the tiny data has
     assert set(present) == {"prompt_injection", "content_safety"}
     everyday = [Example(p, f"everyday {p} {i}", 0, "alpaca", "benign", "train") for p in present for i in range(8)]
+    hard = [Example(p, f"hard {p} {i}", 0, "gandalf", "native", "train") for p in present for i in range(8)]
     decoys = [
         Example("prompt_injection", "everyday unsafe 9", 1, "alpaca", "benign", "train"),
         Example("prompt_injection", "everyday val 9", 0, "alpaca", "benign", "val"),
-        Example("prompt_injection", "hard negative 9", 0, "gandalf", "native", "train"),
+        Example("prompt_injection", "hard val 9", 0, "gandalf", "native", "sho_val"),
+        Example("prompt_injection", "cross negative 9", 0, "advbench", "cross", "train"),
+        Example("prompt_injection", "derived 9", 0, "gandalf", "derived", "train"),
         Example("medical_advice", "everyday other 9", 0, "alpaca", "benign", "train"),
     ]
-    sets = dataclasses.replace(sets, train=sets.train + everyday + decoys)
-    # a stand-in model: the score is the row number in the text (decoys score highest of all); the balanced
-    # sample is the original rows only, so any benign row in an epoch was mined
-    original = [e for e in sets.train if e not in everyday + decoys][:48]
+    added = everyday + hard + decoys
+    sets = dataclasses.replace(sets, train=sets.train + added)
+
+    # a stand-in model: a text ending in a digit scores digit/10 (the decoys highest of all), the tiny data's 0; the
+    # balanced sample is the original rows only, so any added row in an epoch was mined
+    def score(e: Example) -> float:
+        return int(e.text[-1]) / 10 if e.text[-1].isdigit() else 0.0
+
+    original = [e for e in sets.train if e not in added][:48]
     monkeypatch.setattr(tt, "sample_epoch", lambda *a, **k: list(original))
-    monkeypatch.setattr(tt, "score_examples", lambda m, enc, ex, *a, **k: np.array([int(e.text[-1]) / 10 for e in ex]))
+    monkeypatch.setattr(tt, "score_examples", lambda m, enc, ex, *a, **k: np.array([score(e) for e in ex]))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
     encoder = encoder_from_config(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), cfg.encoding)
     trainer = tt.Trainer(cfg, model, encoder, tiny_checkpoint / "tokenizer.json", corpus, sets, time.monotonic())
 
-    pool = tt.mining_pool(sets.train, sets.defaults, 6, trainer.rng)
+    pool = tt.mining_pool(sets.train, sets.defaults, 6, trainer.rng, "everyday")
     assert len(pool) == 6 * len(present) and all(e in everyday for e in pool)
-    picks = tt.hardest(pool, np.array([int(e.text[-1]) / 10 for e in pool]), 2)
+    hard_pool = tt.mining_pool(sets.train, sets.defaults, 1000, trainer.rng, "hard")
+    assert set(hard) <= set(hard_pool) and not set(hard_pool) & set(everyday + decoys)
+    assert all(e.label == 0 and e.kind == "native" and e.split == "train" for e in hard_pool)
+    picks = tt.hardest(pool, np.array([score(e) for e in pool]), 2)
     for policy in present:
         mine = [e for e, _ in picks if e.policy == policy]
         rest = [e for e in pool if e.policy == policy and e not in mine]
-        assert len(mine) == 2 and min(int(e.text[-1]) for e in mine) >= max(int(e.text[-1]) for e in rest)
+        assert len(mine) == 2 and min(score(e) for e in mine) >= max(score(e) for e in rest)
 
     def counts(batches: list[list[tuple[object, Example]]]) -> dict[Example, int]:
         out: dict[Example, int] = {}
@@ -359,10 +371,10 @@ def test_hard_negative_mining_adds_the_highest_scoring_everyday_benign_training_
         return out
 
     first = counts(trainer.epoch_batches(0))
-    assert not any(e in first for e in everyday + decoys)
+    assert not any(e in first for e in added)
     second = counts(trainer.epoch_batches(1))
-    mined = {e: n for e, n in second.items() if e in everyday + decoys}
-    assert set(mined) <= set(everyday) and set(mined.values()) == {3}
-    assert sorted(Counter(e.policy for e in mined).values()) == [2] * len(present)
+    mined = {e: n for e, n in second.items() if e in added}
+    want = {e for e in everyday + hard if e.text[-1] in "67"}  # the two highest of each pool and policy
+    assert set(mined) == want and set(mined.values()) == {3}
     trainer.cfg = cfg.model_copy(update={"mine_top": 0})
-    assert not any(e in everyday for e in counts(trainer.epoch_batches(1)))
+    assert not any(e in added for e in counts(trainer.epoch_batches(1)))

@@ -48,6 +48,9 @@ from training.predict import torch_scorer
 log = logging.getLogger("uniguard.train")
 
 
+MinePool = Literal["everyday", "hard"]  # hard-negative mining pools (TrainConfig.mine_from)
+
+
 class TrainConfig(BaseModel):
     """Every knob of a training run (recorded in the checkpoint's meta as the recipe)."""
 
@@ -117,13 +120,15 @@ class TrainConfig(BaseModel):
     # many per policy), not on the capped calibration rows alone: there a policy has a few dozen everyday rows, so
     # 2.5% is one prompt and a single high score pinned thresholds at their 0.95 bound (docs/RESULTS.md §13).
     floor_max_per_policy: int = 1200
-    # Hard negatives for those floors: from the second epoch on, each epoch scores mine_pool everyday benign
-    # training rows per default policy with the model as it stands and adds the mine_top highest-scoring ones,
-    # mine_copies times each, to the epoch's sample; the tail of the benign scores is what sets the floors
-    # (docs/RESULTS.md §17-19). mine_top 0 turns it off.
-    mine_pool: int = 400
+    # Hard negatives for those floors: from the second epoch on, each epoch scores mine_pool safe training rows
+    # per default policy from each of the mine_from pools (everyday: the benign/ prompts; hard: the policy's own
+    # safe rows, such as benign role-play and sensitive-topic questions) with the model as it stands and adds the
+    # mine_top highest-scoring ones of each, mine_copies times each, to the epoch's sample; the upper tail of the
+    # benign scores is what sets the floors (docs/RESULTS.md §17-19). mine_top 0 turns it off.
+    mine_pool: int = 300
     mine_top: int = 40
     mine_copies: int = 2
+    mine_from: tuple[MinePool, ...] = ("everyday", "hard")
     eval_max_chars: int = 4000
     threads: int = 2
     bf16: bool = False  # bfloat16 autocast: oneDNN re-JITs kernels for every new shape on CPU (slow)
@@ -437,13 +442,19 @@ def floor_rows(examples: Sequence[Example], defaults: Sequence[str], per_policy:
 
 
 def mining_pool(
-    train: Sequence[Example], defaults: Sequence[str], per_policy: int, rng: random.Random
+    train: Sequence[Example], defaults: Sequence[str], per_policy: int, rng: random.Random, pool: MinePool
 ) -> list[Example]:
-    """Up to ``per_policy`` everyday benign training rows (label safe) of each default policy, drawn at random:
-    the rows whose highest scores hard-negative mining looks for."""
+    """Up to ``per_policy`` safe training rows of each default policy, drawn at random from one pool: ``everyday``
+    benign prompts, or ``hard`` negatives (the policy's own safe rows that are not everyday prompts; never
+    cross-policy or derived rows): the rows whose highest scores hard-negative mining looks for."""
     out: list[Example] = []
     for policy in defaults:
-        rows = [e for e in train if e.policy == policy and e.label == 0 and e.split == "train" and _everyday(e)]
+        rows = [e for e in train if e.policy == policy and e.label == 0 and e.split == "train"]
+        rows = (
+            [e for e in rows if _everyday(e)]
+            if pool == "everyday"
+            else [e for e in rows if e.kind == "native" and not _everyday(e)]
+        )
         out += rng.sample(rows, min(per_policy, len(rows)))
     return out
 
@@ -596,26 +607,36 @@ class Trainer:
 
     # -- batches ----------------------------------------------------------------------------------
     def hard_negatives(self) -> list[Example]:
-        """The everyday benign training rows the model now scores highest under each default policy (mining)."""
+        """The safe training rows of each mining pool the model now scores highest under each default policy."""
         cfg = self.cfg
-        pool = mining_pool(self.sets.train, self.sets.defaults, cfg.mine_pool, self.rng)
-        if not pool or cfg.mine_top <= 0:
+        if cfg.mine_top <= 0:
             return []
-        scores = score_examples(self.model, self.encoder, pool, self.canonical, cfg.eval_max_chars)
-        picks = hardest(pool, scores, cfg.mine_top)
-        lowest: dict[str, float] = {}
-        for e, score in picks:
-            lowest[e.policy] = min(score, lowest.get(e.policy, 1.0))
-        log.info(
-            "hard negatives: %d everyday benign rows, %d times each (top %d of %d per default policy; lowest kept "
-            "score %s)",
-            len(picks),
-            cfg.mine_copies,
-            cfg.mine_top,
-            cfg.mine_pool,
-            ", ".join(f"{p} {v:.2f}" for p, v in sorted(lowest.items())),
-        )
-        mined = [e for e, _ in picks for _ in range(cfg.mine_copies)]
+        pools = {
+            kind: mining_pool(self.sets.train, self.sets.defaults, cfg.mine_pool, self.rng, kind)
+            for kind in cfg.mine_from
+        }
+        rows = [e for pool in pools.values() for e in pool]
+        if not rows:
+            return []
+        scores = score_examples(self.model, self.encoder, rows, self.canonical, cfg.eval_max_chars)
+        mined: list[Example] = []
+        start = 0
+        for kind, pool in pools.items():
+            picks = hardest(pool, scores[start : start + len(pool)], cfg.mine_top)
+            start += len(pool)
+            lowest: dict[str, float] = {}
+            for e, score in picks:
+                lowest[e.policy] = min(score, lowest.get(e.policy, 1.0))
+            log.info(
+                "hard negatives (%s): %d rows, %d times each (top %d of %d per default policy; lowest kept score %s)",
+                kind,
+                len(picks),
+                cfg.mine_copies,
+                cfg.mine_top,
+                cfg.mine_pool,
+                ", ".join(f"{p} {v:.2f}" for p, v in sorted(lowest.items())),
+            )
+            mined += [e for e, _ in picks for _ in range(cfg.mine_copies)]
         return mined
 
     def epoch_batches(self, epoch: int = 0) -> list[list[tuple[Window, Example]]]:
