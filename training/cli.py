@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser, out: str, minutes: float, epochs: int) -
         "--mine-top",
         type=int,
         default=None,
-        help="hard negatives: everyday benign rows per default policy added to each epoch after the first (0: off)",
+        help="hard negatives: the highest-scoring safe training rows per default policy and mining pool (everyday, "
+        "hard) added to each epoch after the first (0: off)",
     )
 
 
