@@ -11,6 +11,11 @@ from typing import Any
 
 import pytest
 import schemathesis
+
+# Loaded at collection, while only the main thread runs. Left to from_asgi, this import (and pytest's rewrite of it)
+# ran beside the app's threads, and CPython 3.11's ast.parse failed once with "AST constructor recursion depth
+# mismatch" (cpython gh-106905).
+import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import (
