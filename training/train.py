@@ -447,14 +447,17 @@ def mining_pool(
     """Up to ``per_policy`` safe training rows of each default policy, drawn at random from one pool: ``everyday``
     benign prompts, or ``hard`` negatives (the policy's own safe rows that are not everyday prompts; never
     cross-policy or derived rows): the rows whose highest scores hard-negative mining looks for."""
+    wanted = set(defaults)
+    by_policy: dict[str, list[Example]] = {policy: [] for policy in defaults}
+    for e in train:  # one pass over the training rows, in their order
+        if e.policy in wanted and e.label == 0 and e.split == "train":
+            everyday = _everyday(e)
+            keep = everyday if pool == "everyday" else (e.kind == "native" and not everyday)
+            if keep:
+                by_policy[e.policy].append(e)
     out: list[Example] = []
     for policy in defaults:
-        rows = [e for e in train if e.policy == policy and e.label == 0 and e.split == "train"]
-        rows = (
-            [e for e in rows if _everyday(e)]
-            if pool == "everyday"
-            else [e for e in rows if e.kind == "native" and not _everyday(e)]
-        )
+        rows = by_policy[policy]
         out += rng.sample(rows, min(per_policy, len(rows)))
     return out
 
