@@ -4,8 +4,9 @@
 #   evaluate -> model card.
 # Usage: scripts/build_model.sh [SHARED_DATA] [RUNS_DIR] [MODEL_DIR]
 # Time on this 2-core machine (docs/RESULTS.md §15-20, measured end to end): 46-51 min wall with one seed (the
-# default; 50.6 min with hard-negative mining, §19; 46 min on an AVX-512 host, §20). The MultiTaskGuard stops at its 45-minute budget, calibration
-# and mining included (~650-800 steps on an AVX2 host, 800-853 on an AVX-512 VNNI one, §20); the int8 export and its parity gate take ~1 min (a second rung, if the first fails
+# default; 50.6 min with hard-negative mining, §19; 46 min on an AVX-512 host, §20). The MultiTaskGuard stops at its
+# 45-minute budget, calibration and mining included (~650-800 steps on an AVX2 host, 800-853 on an AVX-512 VNNI one,
+# §20); the int8 export and its parity gate take ~1 min (a second rung, if the first fails
 # the gate, another ~1 min; a checkpoint that fails both stops the build and nothing is written to MODEL_DIR); the
 # evaluations and the model card ~3-7 min.
 # SEEDS="0 1": two MultiTaskGuards side by side, one core each (MT_MINUTES=48: ~525 steps each on AVX2), then
