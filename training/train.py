@@ -447,10 +447,9 @@ def mining_pool(
     """Up to ``per_policy`` safe training rows of each default policy, drawn at random from one pool: ``everyday``
     benign prompts, or ``hard`` negatives (the policy's own safe rows that are not everyday prompts; never
     cross-policy or derived rows): the rows whose highest scores hard-negative mining looks for."""
-    wanted = set(defaults)
     by_policy: dict[str, list[Example]] = {policy: [] for policy in defaults}
     for e in train:  # one pass over the training rows, in their order
-        if e.policy in wanted and e.label == 0 and e.split == "train":
+        if e.policy in by_policy and e.label == 0 and e.split == "train":
             everyday = _everyday(e)
             keep = everyday if pool == "everyday" else (e.kind == "native" and not everyday)
             if keep:
