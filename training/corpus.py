@@ -292,6 +292,11 @@ POLICY_WEIGHTS: dict[str, float] = {"prompt_injection": 2.0}
 POLICY_GROUP_WEIGHTS: dict[str, dict[str, float]] = {"prompt_injection": {"arena_hard": 4.0}}
 # Sources whose rows form their sampling group per category (so a category can be weighted).
 GROUP_BY_CATEGORY = frozenset({"davidson"})
+# Seed rows written for one failure family of the held-out benign sources (seed batch 6: short persona role-play,
+# questions about groups, heated but untargeted talk, games, prevention, news and violent-word homonyms) form a
+# sampling group of their own per category, so a family's hundred rows are not diluted among the thousands of
+# other seed rows of their policy (docs/RESULTS.md §21).
+SEED_FAMILY_PREFIX = "b6_"
 # (source, category) rows that are not unsafe under their native policy (the policy text does not cover them);
 # they still feed their derived category. AILuminate's intellectual-property prompts are not "serious harm".
 NOT_NATIVE: frozenset[tuple[str, str]] = frozenset({("ailuminate", "ipv")})
@@ -384,7 +389,10 @@ class Example:
         hard negatives."""
         if self.kind == "cross":
             return "cross"
-        if self.source in GROUP_BY_CATEGORY and self.category:
+        if self.category and (
+            self.source in GROUP_BY_CATEGORY
+            or (self.source == SEED_SOURCE and self.category.startswith(SEED_FAMILY_PREFIX))
+        ):
             return f"{self.source}:{self.category}"
         return self.source
 
@@ -400,7 +408,7 @@ class ScopeSpec(BaseModel):
 
     policy: Policy | None = None  # inline definition, or
     name: str | None = None  # the name of a policy defined elsewhere (a custom policy file)
-    in_scope: list[str] = Field(min_length=1)
+    in_scope: list[str] = Field(default_factory=list)  # empty: no benign source has the topic (seed rows only)
     ambiguous: list[str] = Field(default_factory=list)
     on_topic: str
     held_out: bool = False
