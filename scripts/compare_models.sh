@@ -6,7 +6,8 @@
 #   - the hand-written held-out set (16 policies, never trained by any model) and the fresh hand-written set
 #     (prompt_injection and content_safety, written blind after the seed batch 4 families were chosen: §17);
 #   - first-contact probes and moderation-style sets judged as /classify's `flagged`;
-#   - zero-shot policies (scope and topic policies no model trained on).
+#   - zero-shot policies (scope and topic policies no model trained on), and the blind hand-written scope set
+#     (training/data/scopes_blind: four scope policies written as customers would, at the default threshold).
 # Usage: scripts/compare_models.sh SHARED_DATA OUT MODEL [MODEL ...]   (one JSON per set and model under OUT/)
 #        REUSE_SETS=1 scripts/compare_models.sh SHARED_DATA OUT MODEL ...   (score more models on OUT/sets; list the
 #        first run's models so "sources neither trained on" covers the new ones too)
@@ -48,6 +49,8 @@ for model in "${MODELS[@]}"; do
   "$BIN/uniguard" eval --model "$model" --data training/data/heldout --split all \
     --policies training/data/policies training/data/heldout/policies --json "$dir/heldout.json"
   "$BIN/uniguard" eval --model "$model" --data training/data/fresh --split all --json "$dir/fresh.json"
+  "$BIN/uniguard" eval --model "$model" --data training/data/scopes_blind --split all \
+    --policies training/data/scopes_blind/policies --json "$dir/scopes-blind.json"
   "$BIN/uniguard" eval --model "$model" --data training/data/probes --flagged "${DEFAULTS[@]}" \
     --json "$dir/probes.json"
   "$BIN/uniguard" eval --model "$model" --data "$DATA/toxicity" "$DATA/content_safety" "$DATA/benign" \

@@ -512,12 +512,12 @@ def test_eval_set_can_leave_out_every_source_a_model_trained_on(corpus: Corpus, 
 
 
 def test_no_test_row_in_seed_data(tmp_path: Path) -> None:
-    """The hand-written test sets (held-out, first-contact probes, fresh) share no text with the seed training data,
+    """The hand-written test sets (held-out, first-contact probes, fresh, blind scopes) share no text with the seed training data,
     and the training loader reads none of them: a row copied into a seed file would be trained on and then scored
     as unseen."""
     seed = {normalise(r.text) for r in load_rows([SEED_DIR])}
     assert len(seed) > 5000
-    for name in ("heldout", "probes", "fresh"):
+    for name in ("heldout", "probes", "fresh", "scopes_blind"):
         rows = load_rows([PROJECT_DATA_DIR / name])
         assert rows, name
         leaked = sorted(r.text for r in rows if normalise(r.text) in seed)
