@@ -14,12 +14,14 @@ from training.corpus import (
     CATEGORY_MAP,
     DEFAULT_POLICIES,
     FINANCE_TAX_NEGATIVES,
+    SEED_SOURCE,
     Corpus,
     Example,
     build_corpus,
     cap_examples,
     derived_of,
     family_of,
+    group_weight,
     load_paraphrases,
     load_policies,
     related,
@@ -364,6 +366,11 @@ def test_scope_policies_label_in_scope_safe_and_off_topic_unsafe(benign_corpus: 
     assert scope("book me a flight to denver next friday", "scope_museum") == 1
     assert scope("turn off the kitchen lights", "scope_router_support") is None  # on_topic matches "light"
     assert scope("turn off the kitchen lights", "scope_telecom") == 1
+    # glue is one half-weight group under a scope policy, so greetings do not outnumber the in-scope requests
+    glue = [e for e in benign_corpus.examples if e.policy == "scope_telecom" and e.text == "hello there"]
+    topical = [e for e in benign_corpus.examples if e.policy == "scope_banking" and e.text.startswith("transfer 50")]
+    assert [e.group for e in glue] == ["glue"] and [e.group for e in topical] == ["clinc150"]
+    assert group_weight("glue") < group_weight("clinc150") < group_weight(SEED_SOURCE)
     # a held-out scope policy has examples (zero-shot evaluation) but is not trained
     assert "scope_cooking" in benign_corpus.holdout and scope("what is a good recipe for lasagna", "scope_cooking") == 0
     assert "scope_cooking" not in benign_corpus.trained
@@ -479,7 +486,7 @@ def test_false_positive_floors_read_benign_rows_never_trained_on(corpus: Corpus)
     sets = evaluation_sets(TrainConfig(), corpus)
     assert sets.floor and {e.split for e in sets.floor} <= {"val", "sho_val"}
     # the seed prompts that share the default policies' calibration: in-source val rows, never a training row
-    from training.corpus import DEFAULT_POLICIES, SEED_SOURCE
+    from training.corpus import DEFAULT_POLICIES
 
     seed_cal = sets.seed_calibration
     assert seed_cal and {e.split for e in seed_cal} == {"val"} and {e.source for e in seed_cal} == {SEED_SOURCE}
@@ -512,9 +519,9 @@ def test_eval_set_can_leave_out_every_source_a_model_trained_on(corpus: Corpus, 
 
 
 def test_no_test_row_in_seed_data(tmp_path: Path) -> None:
-    """The hand-written test sets (held-out, first-contact probes, fresh, blind scopes) share no text with the seed training data,
-    and the training loader reads none of them: a row copied into a seed file would be trained on and then scored
-    as unseen."""
+    """The hand-written test sets (held-out, first-contact probes, fresh, blind scopes) share no text with the seed
+    training data, and the training loader reads none of them: a row copied into a seed file would be trained on and
+    then scored as unseen."""
     seed = {normalise(r.text) for r in load_rows([SEED_DIR])}
     assert len(seed) > 5000
     for name in ("heldout", "probes", "fresh", "scopes_blind"):

@@ -277,8 +277,11 @@ HARD_NEGATIVE_SOURCES = {
     "hatecheck",
 }
 # Sampling weight of a group (default 1; hard negatives, seed rows and cross negatives 2). Davidson's
-# "offensive_language" tweets are casual profanity as often as insults aimed at someone: down-weighted.
-GROUP_WEIGHTS: dict[str, float] = {"davidson:offensive_language": 0.5}
+# "offensive_language" tweets are casual profanity as often as insults aimed at someone: down-weighted. Under a
+# scope policy the conversation glue of every benign source (greetings, thanks, yes/no) is one group at half weight:
+# as three sources' groups it was two thirds of a seed-only scope's safe examples, so the model learnt "a greeting
+# is in scope" rather than the topic and scored in-scope requests near off-topic ones (docs/RESULTS.md §21).
+GROUP_WEIGHTS: dict[str, float] = {"davidson:offensive_language": 0.5, "glue": 0.5}
 # Sampling weight of a policy among its kind (default or other; default 1). Prompt injection has the most varied
 # unsafe side (direct overrides, jailbreak personas, indirect instructions inside documents, prompt extraction) and
 # at an equal share the 0.3.0 candidate drew only ~860 injection-unsafe examples in 900 steps: too few to rank plain
@@ -375,7 +378,7 @@ class Example:
     text: str
     label: int
     source: str
-    kind: str  # native | derived | cross | benign | scope
+    kind: str  # native | derived | cross | benign | scope | glue (a greeting or thanks, safe under a scope policy)
     split: Split
     rationale: str | None = None
     window: str = "first"  # which window of a long text carries the label: first | last
@@ -386,9 +389,9 @@ class Example:
     def group(self) -> str:
         """The sampling/capping group: the source (per category for GROUP_BY_CATEGORY sources), or one "cross"
         group for all cross-policy examples, so a policy's dozen cross-negative sources do not outweigh its own
-        hard negatives."""
-        if self.kind == "cross":
-            return "cross"
+        hard negatives, and likewise one "glue" group for a scope policy's conversation glue."""
+        if self.kind in ("cross", "glue"):
+            return self.kind
         if self.category and (
             self.source in GROUP_BY_CATEGORY
             or (self.source == SEED_SOURCE and self.category.startswith(SEED_FAMILY_PREFIX))
@@ -769,9 +772,9 @@ def _scope_examples(b: _Builder, rows: Sequence[Row], benign: Sequence[Row], see
         amb_domains, amb_raw = index.expand(scope.ambiguous)
         for row in benign:
             doms = domains_of[id(row)]
-            inside = bool(doms & (in_domains | {"glue"})) or any(_selector_matches(s, row) for s in in_raw)
-            if inside:
-                b.add(name, row, 0, "scope")
+            topical = bool(doms & in_domains) or any(_selector_matches(s, row) for s in in_raw)
+            if topical or "glue" in doms:
+                b.add(name, row, 0, "scope" if topical else "glue")
             elif not doms or doms & amb_domains or any(_selector_matches(s, row) for s in amb_raw):
                 continue  # unknown or ambiguous domain: no label
             elif row.source in BENIGN_EXTRA_SOURCES or on_topic.search(row.text):
