@@ -7,7 +7,7 @@
 #     (prompt_injection and content_safety, written blind after the seed batch 4 families were chosen: §17);
 #   - first-contact probes and moderation-style sets judged as /classify's `flagged`;
 #   - zero-shot policies (scope and topic policies no model trained on), and the blind hand-written scope set
-#     (training/data/scopes_blind: four scope policies written as customers would, at the default threshold).
+#     (training/data/scopes_blind: four scope policies written as customers would, at their files' threshold, 0.5).
 # Usage: scripts/compare_models.sh SHARED_DATA OUT MODEL [MODEL ...]   (one JSON per set and model under OUT/)
 #        REUSE_SETS=1 scripts/compare_models.sh SHARED_DATA OUT MODEL ...   (score more models on OUT/sets; list the
 #        first run's models so "sources neither trained on" covers the new ones too)
