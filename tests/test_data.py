@@ -405,14 +405,12 @@ def test_seed_failure_family_rows_form_their_own_sampling_group() -> None:
     group's share instead of a sliver of the thousands of seed rows; other seed rows stay one group."""
     import random
 
-    from training.corpus import Example, sample_epoch
-
     family = [
-        Example("toxicity", f"roleplay {i}", 0, "uniguard_seed", "native", "train", category="b6_roleplay")
+        Example("toxicity", f"roleplay {i}", 0, SEED_SOURCE, "native", "train", category="b6_roleplay")
         for i in range(50)
     ]
     other_seed = [
-        Example("toxicity", f"seed {i}", 0, "uniguard_seed", "native", "train", category="hard_negative")
+        Example("toxicity", f"seed {i}", 0, SEED_SOURCE, "native", "train", category="hard_negative")
         for i in range(2000)
     ]
     unsafe = [Example("toxicity", f"insult {i}", 1, "davidson", "native", "train") for i in range(400)]
