@@ -254,6 +254,23 @@ def test_fpr_floor_keeps_benign_false_positives_within_the_cap() -> None:
     assert fpr_floor(np.array([]), 0.03) == 0.0 and fpr_floor(benign, 1.0) == 0.0
 
 
+def test_everyday_floor_also_holds_on_the_held_out_everyday_sources_alone() -> None:
+    """Pooled with many low-scoring in-source val rows, a held-out everyday source's high scores hardly move the
+    floor; with ``heldout_everyday_floor`` the floor keeps that source within the cap too."""
+    from training.corpus import Example
+    from training.train import policy_floor
+
+    def row(i: int, split: str) -> Example:
+        return Example("toxicity", f"write an email {split} {i}", 0, "dolly", "native", split)
+
+    in_source = [(row(i, "val"), 0.01) for i in range(190)]
+    held = [(row(i, "sho_val"), 0.9 if i < 2 else 0.02) for i in range(10)]  # 20% of the held-out rows score 0.9
+    pooled_only = policy_floor(TrainConfig(heldout_everyday_floor=False), "toxicity", in_source + held, [])
+    with_held = policy_floor(TrainConfig(), "toxicity", in_source + held, [])
+    assert pooled_only < 0.9 <= with_held  # 2 of 200 pooled is within 2.5%; 2 of 10 held-out rows is not
+    assert policy_floor(TrainConfig(), "tax_advice", in_source + held, []) == 0.0  # other policies' rows ignored
+
+
 def test_prefix_recipe_leaves_room_for_the_longest_default_policy() -> None:
     from training.corpus import DEFAULT_POLICIES, load_policies
     from training.train import TrainConfig

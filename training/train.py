@@ -116,6 +116,10 @@ class TrainConfig(BaseModel):
     # targets of issue 13).
     max_fpr_everyday: float = 0.025
     max_fpr_trigger: float = 0.08
+    # The everyday floor holds on the held-out everyday sources' sho_val rows on their own too, not only pooled with
+    # the in-source val rows of the everyday sources the model trains on (they are most of the pool and score low):
+    # pooled, a threshold let 6% of a held-out everyday source through at a 2.5% target (docs/RESULTS.md §21-22).
+    heldout_everyday_floor: bool = True
     # The floors are read on every benign row of the val and sho_val splits under each default policy (up to this
     # many per policy), not on the capped calibration rows alone: there a policy has a few dozen everyday rows, so
     # 2.5% is one prompt and a single high score pinned thresholds at their 0.95 bound (docs/RESULTS.md §13).
@@ -783,6 +787,26 @@ def fpr_floor(scores: np.ndarray, max_fpr: float) -> float:
     return float(np.nextafter(ordered[allowed], 1.0))  # just above the first score that must stay safe
 
 
+def policy_floor(
+    cfg: TrainConfig,
+    policy: str,
+    everyday: Sequence[tuple[Example, float]],
+    trigger: Sequence[tuple[Example, float]],
+) -> float:
+    """The lowest threshold of ``policy`` that keeps the everyday benign rows within ``max_fpr_everyday`` (pooled,
+    and on the held-out sources' sho_val rows alone with ``heldout_everyday_floor``) and the trigger-word rows
+    within ``max_fpr_trigger``."""
+    mine_everyday = [(e, sc) for e, sc in everyday if e.policy == policy]
+    floors = [
+        fpr_floor(np.array([sc for _, sc in mine_everyday]), cfg.max_fpr_everyday),
+        fpr_floor(np.array([sc for e, sc in trigger if e.policy == policy]), cfg.max_fpr_trigger),
+    ]
+    if cfg.heldout_everyday_floor:
+        held = [sc for e, sc in mine_everyday if e.split == "sho_val"]
+        floors.append(fpr_floor(np.array(held), cfg.max_fpr_everyday))
+    return max(floors)
+
+
 def calibrate(
     cfg: TrainConfig, model: Any, encoder: InstructionEncoder, sets: EvalSets, policy_texts: dict[str, str]
 ) -> Calibration:
@@ -820,10 +844,7 @@ def calibrate(
         rows = held if use_sho else [(e.label, sc) for e, sc in zip(val, val_scores, strict=True) if e.policy == policy]
         if not rows:
             continue
-        floor = max(
-            fpr_floor(np.array([sc for e, sc in everyday if e.policy == policy]), cfg.max_fpr_everyday),
-            fpr_floor(np.array([sc for e, sc in trigger if e.policy == policy]), cfg.max_fpr_trigger),
-        )
+        floor = policy_floor(cfg, policy, everyday, trigger)
         y = np.array([r[0] for r in rows])
         s = np.array([r[1] for r in rows])
         bounds = (max(0.05, min(floor, 0.95)), 0.95)
