@@ -401,9 +401,9 @@ def test_sampling_down_weights_casual_profanity() -> None:
 
 
 def test_seed_failure_family_rows_form_their_own_sampling_group() -> None:
-    """Seed batch 6's and 7's families (categories ``b6_*``, ``b7_*``) are groups of their own, so a hundred rows of
-    one family get a group's share instead of a sliver of the thousands of seed rows; other seed rows stay one
-    group."""
+    """Seed batches 6-8's families (categories ``b6_*``, ``b7_*``, ``b8_*``) are groups of their own, so a hundred
+    rows of one family get a group's share instead of a sliver of the thousands of seed rows; other seed rows stay
+    one group."""
     import random
 
     family = [
@@ -417,7 +417,10 @@ def test_seed_failure_family_rows_form_their_own_sampling_group() -> None:
     unsafe = [Example("toxicity", f"insult {i}", 1, "davidson", "native", "train") for i in range(400)]
     writing = Example("toxicity", "write a thank-you note", 0, SEED_SOURCE, "native", "train", category="b7_writing")
     assert family[0].group == "uniguard_seed:b6_roleplay" and other_seed[0].group == "uniguard_seed"
-    assert writing.group == "uniguard_seed:b7_writing"
+    identity = Example(
+        "toxicity", "I'm Ojibwe on my mom's side", 0, SEED_SOURCE, "native", "train", category="b8_identity"
+    )
+    assert writing.group == "uniguard_seed:b7_writing" and identity.group == "uniguard_seed:b8_identity"
     drawn = [e for e in sample_epoch(family + other_seed + unsafe, 600, random.Random(0)) if e.label == 0]
     share = sum(e.category == "b6_roleplay" for e in drawn) / len(drawn)
     assert share > 0.25  # ~1/3 (weight 1 against the seed group's 2); 50 of 2,050 rows without the group

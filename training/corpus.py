@@ -297,9 +297,10 @@ POLICY_GROUP_WEIGHTS: dict[str, dict[str, float]] = {"prompt_injection": {"arena
 GROUP_BY_CATEGORY = frozenset({"davidson"})
 # Seed rows written for one failure family of the held-out benign sources (seed batch 6: short persona role-play,
 # questions about groups, heated but untargeted talk, games, prevention, news and violent-word homonyms; batch 7:
-# everyday writing tasks) form a sampling group of their own per category, so a family's hundred rows are not
-# diluted among the thousands of other seed rows of their policy (docs/RESULTS.md §21, §22).
-SEED_FAMILY_PREFIXES = ("b6_", "b7_")
+# everyday writing tasks; batch 8: statements about identity groups, social-media comments) form a sampling group
+# of their own per category, so a family's hundred rows are not diluted among the thousands of other seed rows of
+# their policy (docs/RESULTS.md §21, §22).
+SEED_FAMILY_PREFIXES = ("b6_", "b7_", "b8_")
 # (source, category) rows that are not unsafe under their native policy (the policy text does not cover them);
 # they still feed their derived category. AILuminate's intellectual-property prompts are not "serious harm".
 NOT_NATIVE: frozenset[tuple[str, str]] = frozenset({("ailuminate", "ipv")})
