@@ -256,7 +256,7 @@ def test_fpr_floor_keeps_benign_false_positives_within_the_cap() -> None:
 
 def test_everyday_floor_also_holds_on_the_held_out_everyday_sources_alone() -> None:
     """Pooled with many low-scoring in-source val rows, a held-out everyday source's high scores hardly move the
-    floor; with ``heldout_everyday_floor`` the floor keeps that source within the cap too."""
+    floor; with ``heldout_everyday_floor`` (off by default) the floor keeps that source within the cap too."""
     from training.corpus import Example
     from training.train import policy_floor
 
@@ -265,10 +265,22 @@ def test_everyday_floor_also_holds_on_the_held_out_everyday_sources_alone() -> N
 
     in_source = [(row(i, "val"), 0.01) for i in range(190)]
     held = [(row(i, "sho_val"), 0.9 if i < 2 else 0.02) for i in range(10)]  # 20% of the held-out rows score 0.9
-    pooled_only = policy_floor(TrainConfig(heldout_everyday_floor=False), "toxicity", in_source + held, [])
-    with_held = policy_floor(TrainConfig(), "toxicity", in_source + held, [])
+    pooled_only = policy_floor(TrainConfig(), "toxicity", in_source + held, [])  # the default: pooled only
+    held_cfg = TrainConfig(heldout_everyday_floor=True)
+    with_held = policy_floor(held_cfg, "toxicity", in_source + held, [])
     assert pooled_only < 0.9 <= with_held  # 2 of 200 pooled is within 2.5%; 2 of 10 held-out rows is not
-    assert policy_floor(TrainConfig(), "tax_advice", in_source + held, []) == 0.0  # other policies' rows ignored
+    assert policy_floor(held_cfg, "tax_advice", in_source + held, []) == 0.0  # other policies' rows ignored
+
+
+def test_train_cli_turns_on_the_held_out_everyday_floor_only_when_asked() -> None:
+    from training.cli import train_config
+    from uniguard.cli import build_parser
+
+    parser = build_parser()
+    plain = train_config(parser.parse_args(["train", "multitask", "--out", "runs/x"]))
+    asked = train_config(parser.parse_args(["train", "multitask", "--heldout-everyday-floor"]))
+    assert not plain.heldout_everyday_floor and asked.heldout_everyday_floor
+    assert plain.out == Path("runs/x") and plain.kind == "multitask"
 
 
 def test_prefix_recipe_leaves_room_for_the_longest_default_policy() -> None:

@@ -116,10 +116,11 @@ class TrainConfig(BaseModel):
     # targets of issue 13).
     max_fpr_everyday: float = 0.025
     max_fpr_trigger: float = 0.08
-    # The everyday floor holds on the held-out everyday sources' sho_val rows on their own too, not only pooled with
-    # the in-source val rows of the everyday sources the model trains on (they are most of the pool and score low):
-    # pooled, a threshold let 6% of a held-out everyday source through at a 2.5% target (docs/RESULTS.md §21-22).
-    heldout_everyday_floor: bool = True
+    # True: the everyday floor holds on the held-out everyday sources' sho_val rows on their own too, not only pooled
+    # with the in-source val rows of the everyday sources the model trains on (most of the pool; they score low).
+    # Off by default: in two runs it cut every false-positive rate but moved the injection threshold up (0.74 -> 0.88,
+    # 0.61 -> 0.76) and cost 2.0 and 3.3 points on the sources neither trained on (docs/RESULTS.md §22).
+    heldout_everyday_floor: bool = False
     # The floors are read on every benign row of the val and sho_val splits under each default policy (up to this
     # many per policy), not on the capped calibration rows alone: there a policy has a few dozen everyday rows, so
     # 2.5% is one prompt and a single high score pinned thresholds at their 0.95 bound (docs/RESULTS.md §13).
