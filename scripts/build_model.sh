@@ -26,7 +26,8 @@ SEEDS=${SEEDS:-1}                     # one MultiTaskGuard per seed (initialisat
                                       # equal weights); two seeds differed by 1.6-4.7 points (docs/RESULTS.md §17-18),
                                       # 2.5 in §20. Seed 1 built the shipped 0.3.0 at commit 70698a0 (0.866 on
                                       # the sources neither trained on; seed 0 of the same recipe: 0.841, docs/
-                                      # RESULTS.md §20); with seed batch 6 and the scopes since, it gave 0.862 (§21)
+                                      # RESULTS.md §20); with seed batch 6 and the scopes since, it gave 0.862 (§21);
+                                      # with batches 7-8, 0.865 (§22)
 nseeds=$(wc -w <<< "$SEEDS")
 MT_MINUTES=${MT_MINUTES:-$([ "$nseeds" -gt 1 ] && echo 48 || echo 45)}  # each one's time budget (a cap: the
                                       # learning rate anneals to zero there)
